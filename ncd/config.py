@@ -1,0 +1,292 @@
+"""Experiment configuration: frozen nested dataclasses, YAML files, ``a.b=v`` overrides.
+
+Defaults reproduce the official AnomalyNCD configuration (METHOD.md section 9).
+Unknown keys are errors that list the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where ``s3://`` URIs live. Empty fields fall back to the usual AWS environment."""
+
+    endpoint_override: str = ""  # host:port of MinIO / Ceph / any S3-compatible server
+    scheme: str = "https"
+    region: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    connect_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to catalog (``ncd.catalog``)."""
+
+    layout: str = "generic"  # generic | mvtec | mtd | manifest
+    root: str = ""  # images root (generic: <root>/<category>/<type>/...)
+    maps: str = ""  # anomaly maps root, same relative layout as the images
+    manifest: str = ""  # CSV or Parquet manifest (layout=manifest)
+    categories: tuple[str, ...] = ()  # empty: every category found
+    map_size_policy: str = "resize"  # resize (METHOD.md 2.6) | error
+    max_aspect_mismatch: float = 0.02  # map vs image aspect ratio tolerance under "resize"
+
+
+@dataclass(frozen=True)
+class MebinConfig:
+    """MEBin (METHOD.md section 2)."""
+
+    sample_rate: int = 4
+    min_interval_len: int = 4
+    erode: bool = True
+    erode_kernel: int = 6
+    lower_bound: int | None = None  # fixed search floor instead of the lowest per-image peak
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Anomaly-centred cropping (METHOD.md section 3)."""
+
+    padding: float = 0.1
+    max_merge_dist: float = 0.01
+    min_crop_size: float = 0.1
+    merge: str = "parity"  # parity (upstream, non-transitive) | union_find
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """MEBin + crops over a manifest."""
+
+    output: str = "outputs/regions"  # directory (local or s3://) for the region table
+    batch_size: int = 8  # images per Ray Data batch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Mask-guided ViT and heads (METHOD.md section 4)."""
+
+    backbone: str = "vit_base_patch8_224.dino"
+    weights: str = "timm"  # timm | random | <local path> | s3://...
+    image_size: int = 224
+    crop_pct: float = 0.875
+    mask_layers: int = 9
+    grad_from_block: int = 11
+    n_head: int = 4
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    proj_layers: int = 3
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """SimGCD-style loss weights and temperatures (METHOD.md 5.4-5.5)."""
+
+    sup_weight: float = 0.3
+    memax_weight: float = 4.0
+    anomaly_thred: float = 0.5
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 40
+    repeat_times: int = 4
+    supcon_temp: float = 0.07
+    infonce_temp: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (METHOD.md 5.6)."""
+
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 0.003
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    eta_min_ratio: float = 1e-3
+    seed: int = 3407
+    loader_workers: int = 2
+    num_novel: int = 0  # K; 0 means the number of ground-truth types
+    base_table: str = ""  # labelled base region table; "" trains without labelled terms
+    kmeans_init: bool = False  # FAISS k-means prototype init (off in parity)
+    checkpoint_every: int = 10
+    amp: bool = True  # bf16 autocast on CUDA only
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Region merging and rejection (METHOD.md section 6)."""
+
+    area_temperature: float = 50.0  # 100 for MVTec AD
+    unknown_threshold: float = 0.0  # 0 disables the "unknown" label
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one ncd run needs."""
+
+    name: str = "ncd"
+    output: str = "outputs/run"
+    s3: S3Config = field(default_factory=S3Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    mebin: MebinConfig = field(default_factory=MebinConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the declared field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, key) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: cannot read {value!r} as {tp.__name__}") from None
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, rejecting unknown keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+            f"valid keys: {', '.join(sorted(types_))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = types_[name]
+        key = prefix + name
+        kwargs[name] = from_dict(tp, value or {}, key + ".") if _is_dataclass_type(tp) else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) that round-trips through YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``a.b=v`` into (["a", "b"], "v")."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Return ``cfg`` with ``a.b=v`` overrides applied (unknown keys are errors)."""
+    data = to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        cls: Any = type(cfg)
+        for depth, part in enumerate(path):
+            types_ = _field_types(cls)
+            if part not in types_:
+                where = ".".join(path[:depth]) or "config"
+                raise ConfigError(
+                    f"unknown key {'.'.join(path)!r}: {part!r} is not in {where}; "
+                    f"valid keys: {', '.join(sorted(types_))}"
+                )
+            tp = types_[part]
+            if depth == len(path) - 1:
+                if _is_dataclass_type(tp):
+                    raise ConfigError(f"{'.'.join(path)} is a section; set one of its keys")
+                node[part] = _coerce(yaml.safe_load(value) if value.strip() else value, tp, ".".join(path))
+            else:
+                if not _is_dataclass_type(tp):
+                    raise ConfigError(f"{'.'.join(path[: depth + 1])} is not a section")
+                node, cls = node[part], tp
+    return from_dict(type(cfg), data)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (``None``: the defaults) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+    return apply_overrides(cfg, overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """YAML text of ``cfg``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,302 @@
+"""One I/O layer for local paths and ``s3://`` URIs (pyarrow filesystems).
+
+Every read and write in ncd goes through here, so the S3 endpoint, credentials and
+error messages are handled in one place. Writes are atomic: a file is written under a
+temporary name and moved into place (local), or uploaded whole (S3, where a PUT is
+atomic), so a failure never leaves a half-written table.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Iterable
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ncd.config import S3Config
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAP_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class DataError(ValueError):
+    """Input data is missing, unreadable or inconsistent; the message names the file."""
+
+
+class StorageError(OSError):
+    """A storage location (local directory or S3 endpoint) cannot be reached."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI or path components with '/'."""
+    out = base.rstrip("/")
+    for p in parts:
+        if p:
+            out = f"{out}/{p.strip('/')}" if out else p.strip("/")
+    return out
+
+
+@dataclass(frozen=True)
+class _S3Key:
+    endpoint_override: str
+    scheme: str
+    region: str
+    access_key: str
+    secret_key: str
+    connect_timeout_s: float
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(key: _S3Key) -> pafs.S3FileSystem:
+    kwargs: dict = {"connect_timeout": key.connect_timeout_s, "request_timeout": max(30.0, key.connect_timeout_s)}
+    endpoint = key.endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    scheme = key.scheme
+    if endpoint:
+        if "://" in endpoint:
+            scheme, endpoint = endpoint.split("://", 1)
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = scheme
+    region = key.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+    if region:
+        kwargs["region"] = region
+    if key.access_key:
+        kwargs["access_key"] = key.access_key
+        kwargs["secret_key"] = key.secret_key
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=2)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        cfg = s3 or S3Config()
+        fs = _s3_filesystem(_S3Key(cfg.endpoint_override, cfg.scheme, cfg.region, cfg.access_key,
+                                   cfg.secret_key, cfg.connect_timeout_s))
+        return fs, uri[len("s3://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _wrap_errors(uri: str, err: Exception) -> Exception:
+    if isinstance(err, FileNotFoundError):
+        return FileNotFoundError(f"not found: {uri}")
+    text = str(err)
+    if is_s3(uri) and any(s in text for s in ("connect", "Connection", "resolve", "timed out", "Timeout",
+                                                "curlCode", "Unable to", "endpoint")):
+        return StorageError(f"cannot reach S3 for {uri}: {text.strip().splitlines()[0]}")
+    return err
+
+
+def read_bytes(uri: str, s3: S3Config | None = None) -> bytes:
+    """The whole content of one file."""
+    fs, path = filesystem(uri, s3)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically, creating parent directories."""
+    fs, path = filesystem(uri, s3)
+    parent = str(PurePosixPath(path).parent)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        fs.create_dir(parent, recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def exists(uri: str, s3: S3Config | None = None) -> bool:
+    fs, path = filesystem(uri, s3)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def is_dir(uri: str, s3: S3Config | None = None) -> bool:
+    fs, path = filesystem(uri, s3)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def list_files(root: str, s3: S3Config | None = None, extensions: Iterable[str] | None = None) -> list[str]:
+    """Relative POSIX paths of all files under ``root`` (recursive, sorted)."""
+    fs, path = filesystem(root, s3)
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"not a directory: {root}")
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"not a directory: {root}") from None
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(root, err) from None
+    base = path.rstrip("/") + "/"
+    out = []
+    for i in infos:
+        if i.type != pafs.FileType.File:
+            continue
+        rel = i.path[len(base):] if i.path.startswith(base) else i.path
+        name = rel.rsplit("/", 1)[-1]
+        if name.startswith("."):
+            continue
+        if exts is None or name.lower().endswith(exts):
+            out.append(rel)
+    return sorted(out)
+
+
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """RGB uint8 (H,W,3) from encoded bytes; corrupt data is a DataError naming ``uri``."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if arr is None:
+        raise DataError(f"corrupt or unreadable image: {uri}")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def read_image(uri: str, s3: S3Config | None = None) -> np.ndarray:
+    """RGB uint8 (H,W,3)."""
+    return decode_image(read_bytes(uri, s3), uri)
+
+
+def decode_map(data: bytes, uri: str) -> np.ndarray:
+    """A 2-D anomaly map as stored: uint8 or uint16 PNG, ``.npy`` or float TIFF.
+
+    8-bit maps are returned as uint8 (the upstream scale); other dtypes as float32 or
+    uint16 for the caller to normalise per category.
+    """
+    name = uri.lower()
+    try:
+        if name.endswith(".npy"):
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            arr = tifffile.imread(io.BytesIO(data))
+        else:
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if arr is not None and arr.ndim == 3:
+                arr = arr[..., 0] if arr.shape[2] in (1,) else cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2GRAY)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a corrupt file
+        raise DataError(f"corrupt or unreadable anomaly map: {uri} ({err})") from None
+    if arr is None:
+        raise DataError(f"corrupt or unreadable anomaly map: {uri}")
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr[0] if arr.shape[0] == 1 else arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"anomaly map must be 2-D, got shape {arr.shape}: {uri}")
+    if arr.dtype == np.uint8 or arr.dtype == np.uint16:
+        return arr
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"anomaly map has non-numeric dtype {arr.dtype}: {uri}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise DataError(f"anomaly map holds NaN or inf values: {uri}")
+    return arr
+
+
+def read_map(uri: str, s3: S3Config | None = None) -> np.ndarray:
+    return decode_map(read_bytes(uri, s3), uri)
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 gray (H,W) or RGB (H,W,3) array (deterministic)."""
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise DataError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def decode_png_gray(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
+def write_table(table: pa.Table, uri: str, s3: S3Config | None = None) -> None:
+    """Write a Parquet (``.parquet``) or CSV (``.csv``) table atomically."""
+    sink = pa.BufferOutputStream()
+    if uri.endswith(".csv"):
+        pacsv.write_csv(table, sink)
+    else:
+        pq.write_table(table, sink, compression="zstd")
+    write_bytes(uri, sink.getvalue().to_pybytes(), s3)
+
+
+def read_table(uri: str, s3: S3Config | None = None) -> pa.Table:
+    """Read a Parquet file, a directory of Parquet files, or a CSV file."""
+    fs, path = filesystem(uri, s3)
+    try:
+        if uri.endswith(".csv"):
+            return pacsv.read_csv(io.BytesIO(read_bytes(uri, s3)))
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"table not found: {uri}")
+        return pq.read_table(path, filesystem=fs)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def delete_dir(uri: str, s3: S3Config | None = None) -> None:
+    fs, path = filesystem(uri, s3)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(uri, err) from None
+
+
+def replace_dir(staging: str, dest: str, s3: S3Config | None = None) -> None:
+    """Move a fully written ``staging`` directory to ``dest``, replacing what was there.
+
+    Local: two renames, so ``dest`` is never half-written. S3 has no rename: objects are
+    copied then the staging prefix is deleted; readers see the old or the new table
+    per object, never a truncated file.
+    """
+    fs, src = filesystem(staging, s3)
+    _, dst = filesystem(dest, s3)
+    try:
+        if not is_s3(dest):
+            old = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+            had_old = os.path.isdir(dst)
+            if had_old:
+                os.replace(dst, old)
+            os.replace(src, dst)
+            if had_old:
+                fs.delete_dir(old)
+            return
+        if fs.get_file_info(dst).type == pafs.FileType.Directory:
+            fs.delete_dir(dst)
+        for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+            if info.type == pafs.FileType.File:
+                fs.copy_file(info.path, dst + info.path[len(src):])
+        fs.delete_dir(src)
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(dest, err) from None

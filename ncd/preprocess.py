@@ -1,0 +1,199 @@
+"""Preprocessing: MEBin + anomaly-centred crops for every image of a manifest.
+
+Two explicit passes, the same in one process and on Ray Data:
+1. ``map_statistics`` per image, reduced by ``category_ranges`` to one
+   ``CategoryRange`` per category (the MEBin search range needs every peak first);
+2. ``process_image`` per image, given its category's range, returns region rows.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from ncd import io
+from ncd.config import CropConfig, DataConfig, MebinConfig, S3Config
+from ncd.crops import crop_regions, mask_to_image_size, score_map_to_image_size
+from ncd.io import DataError
+from ncd.mebin import binarize, normalize, search_range
+
+log = logging.getLogger(__name__)
+
+UINT8_MAX = 255
+REGION_SCHEMA = pa.schema([
+    ("region_id", pa.string()),
+    ("image_id", pa.string()),
+    ("region_index", pa.int32()),
+    ("category", pa.string()),
+    ("gt_type", pa.string()),
+    ("crop_png", pa.binary()),
+    ("mask_png", pa.binary()),
+    ("box", pa.list_(pa.int32(), 4)),
+    ("area", pa.int64()),
+    ("score", pa.float64()),
+    ("est_count", pa.int32()),
+    ("threshold", pa.int32()),
+    ("image_uri", pa.string()),
+    ("map_uri", pa.string()),
+])
+STATS_SCHEMA = pa.schema([
+    ("category", pa.string()),
+    ("lo", pa.float64()),
+    ("hi", pa.float64()),
+    ("peak", pa.float64()),
+    ("is_uint8", pa.bool_()),
+])
+
+@dataclass(frozen=True)
+class CategoryRange:
+    """Per-category statistics that pass 2 needs.
+
+    ``scale_lo``/``scale_hi`` map non-8-bit maps jointly onto 0..255 (as AnomalyNCD's
+    README helper does for a whole run); ``min_th``/``max_th`` are MEBin's search range
+    on that 8-bit scale.
+    """
+
+    is_uint8: bool
+    scale_lo: float
+    scale_hi: float
+    min_th: int
+    max_th: int
+
+def to_uint8(values: np.ndarray | float, lo: float, hi: float) -> np.ndarray:
+    """Map ``[lo, hi]`` onto 0..255 (rounded, clipped); a zero span gives 0."""
+    arr = np.asarray(values, dtype=np.float64)
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.clip(np.floor((arr - lo) / (hi - lo) * UINT8_MAX + 0.5), 0, UINT8_MAX).astype(np.uint8)
+
+def map_statistics(anomaly_map: np.ndarray) -> dict[str, Any]:
+    """Pass-1 statistics of one map: its value range, peak and whether it is 8-bit."""
+    return dict(lo=float(anomaly_map.min()), hi=float(anomaly_map.max()),
+                peak=float(anomaly_map.max()), is_uint8=anomaly_map.dtype == np.uint8)
+
+def reduce_range(is_uint8: bool, lo: float, hi: float, min_peak: float, max_peak: float,
+                 cfg: MebinConfig) -> CategoryRange:
+    """One category's range from its reduced statistics (min/max over all its maps)."""
+    if is_uint8:
+        peaks = [int(min_peak), int(max_peak)]
+        scale_lo, scale_hi = 0.0, float(UINT8_MAX)
+    else:
+        scale_lo, scale_hi = lo, hi
+        peaks = [int(to_uint8(min_peak, lo, hi)), int(to_uint8(max_peak, lo, hi))]
+    min_th, max_th = search_range(peaks, cfg)
+    return CategoryRange(is_uint8, scale_lo, scale_hi, int(min_th), int(max_th))
+
+def category_ranges(stats: Iterable[Mapping[str, Any]], cfg: MebinConfig) -> dict[str, CategoryRange]:
+    """Reduce per-image statistics (rows with category, lo, hi, peak, is_uint8) per category."""
+    acc: dict[str, list] = {}
+    for s in stats:
+        a = acc.setdefault(s["category"], [True, np.inf, -np.inf, np.inf, -np.inf])
+        a[0] = a[0] and bool(s["is_uint8"])
+        a[1], a[2] = min(a[1], s["lo"]), max(a[2], s["hi"])
+        a[3], a[4] = min(a[3], s["peak"]), max(a[4], s["peak"])
+    return {c: reduce_range(*a, cfg) for c, a in acc.items()}
+
+def map_as_uint8(anomaly_map: np.ndarray, rng: CategoryRange) -> np.ndarray:
+    if anomaly_map.dtype == np.uint8 and rng.is_uint8:
+        return anomaly_map
+    return to_uint8(anomaly_map, rng.scale_lo, rng.scale_hi)
+
+def _check_sizes(image: np.ndarray, amap: np.ndarray, row: Mapping[str, Any], data: DataConfig) -> None:
+    (h, w), (mh, mw) = image.shape[:2], amap.shape
+    if (h, w) == (mh, mw):
+        return
+    if data.map_size_policy == "error":
+        raise DataError(f"anomaly map {row['map_uri']} is {mw}x{mh} but image {row['image_uri']} is {w}x{h} "
+                        f"(data.map_size_policy=error)")
+    if abs((w / h) / (mw / mh) - 1.0) > data.max_aspect_mismatch:
+        raise DataError(f"anomaly map {row['map_uri']} ({mw}x{mh}) and image {row['image_uri']} ({w}x{h}) "
+                        f"differ in aspect ratio; they cannot be the same view")
+
+def process_image(row: Mapping[str, Any], rng: CategoryRange, mebin: MebinConfig, crop: CropConfig,
+                  data: DataConfig, s3: S3Config | None = None) -> list[dict[str, Any]]:
+    """Pass 2 for one manifest row: MEBin on its map, then its region rows.
+
+    The map is binarised at its own resolution; mask and normalised map are resized to
+    the image (nearest / bicubic, METHOD.md 2.6 and 3.4) before cropping.
+    """
+    image = io.read_image(row["image_uri"], s3)
+    amap = map_as_uint8(io.read_map(row["map_uri"], s3), rng)
+    _check_sizes(image, amap, row, data)
+    result = binarize(amap, rng.min_th, rng.max_th, mebin)
+    shape = image.shape[:2]
+    mask = mask_to_image_size(result.mask, shape)
+    score_map = score_map_to_image_size(normalize(amap, rng.min_th, rng.max_th), shape)
+    regions = crop_regions(image, mask, score_map, result.count, crop)
+    rows = []
+    for i, r in enumerate(regions):
+        rows.append(dict(
+            region_id=f"{row['image_id']}_crop{i}", image_id=row["image_id"], region_index=i,
+            category=row["category"], gt_type=row.get("gt_type") or "",
+            crop_png=io.encode_png(r.crop), mask_png=io.encode_png(r.mask), box=list(map(int, r.box)),
+            area=int(r.area), score=float(r.score), est_count=int(result.count), threshold=int(result.threshold),
+            image_uri=row["image_uri"], map_uri=row["map_uri"],
+        ))
+    return rows
+
+def image_statistics(row: Mapping[str, Any], s3: S3Config | None = None) -> dict[str, Any]:
+    """Pass 1 for one manifest row."""
+    return dict(category=row["category"], **map_statistics(io.read_map(row["map_uri"], s3)))
+
+def regions_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Region rows as a table, sorted by region id (the canonical order)."""
+    ordered = sorted(rows, key=lambda r: (r["image_id"], r["region_index"]))
+    return pa.Table.from_pylist(list(ordered), schema=REGION_SCHEMA)
+
+def check_categories(manifest: pa.Table) -> None:
+    if manifest.num_rows == 0:
+        raise DataError("the manifest holds no images")
+
+def preprocess_manifest(manifest: pa.Table, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
+                        s3: S3Config | None = None,
+                        progress: Callable[[str, int, int], None] | None = None) -> pa.Table:
+    """Both passes in this process; returns the region table."""
+    check_categories(manifest)
+    rows = manifest.to_pylist()
+    stats = []
+    for i, r in enumerate(rows):
+        stats.append(image_statistics(r, s3))
+        if progress:
+            progress("peaks", i + 1, len(rows))
+    ranges = category_ranges(stats, mebin)
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(rows):
+        out.extend(process_image(r, ranges[r["category"]], mebin, crop, data, s3))
+        if progress:
+            progress("regions", i + 1, len(rows))
+    return regions_table(out)
+
+def decode_region(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(crop RGB uint8, mask uint8 0/255) of one region row."""
+    crop = io.decode_image(row["crop_png"], row["region_id"])
+    mask = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+    return crop, mask
+
+REGIONS_DIR = "regions"
+
+def write_regions(table: pa.Table, output: str, s3: S3Config | None = None) -> str:
+    """Write the region table to ``<output>/regions/`` atomically; returns its URI."""
+
+    dest = io.join(output, REGIONS_DIR)
+    staging = io.join(output, f"_staging-{uuid.uuid4().hex[:8]}")
+    io.write_table(table, io.join(staging, "part-00000.parquet"), s3)
+    io.replace_dir(staging, dest, s3)
+    return dest
+
+def read_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
+    """A region table (file or directory of shards) in canonical order."""
+    table = io.read_table(uri, s3)
+    missing = [n for n in REGION_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")
+    table = table.select(REGION_SCHEMA.names).cast(REGION_SCHEMA)
+    return table.sort_by([("image_id", "ascending"), ("region_index", "ascending")])

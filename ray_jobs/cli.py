@@ -1,0 +1,175 @@
+"""The ``ncd`` command line.
+
+Pure stages (``catalog``, ``preprocess --local``, ``evaluate``, ``demo-data``) run in this
+process without Ray; the Ray-backed stages import their ``ray_jobs`` module lazily.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ncd import io
+from ncd.config import ConfigError, ExperimentConfig, load_config
+from ncd.io import DataError, StorageError
+
+log = logging.getLogger("ncd")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ncd" / "configs"
+
+
+class Progress:
+    """A one-line progress display on stderr (a line per update when not a terminal)."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < (0.1 if self.tty else 5.0):
+            return
+        self.last = now
+        text = f"[{stage}] {done}/{total} ({100.0 * done / max(total, 1):.0f}%)"
+        if self.tty:
+            self.stream.write("\r" + text + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def config_path(name_or_path: str | None) -> str | None:
+    """A config file path; bare names resolve to the packaged ``ncd/configs/<name>.yaml``."""
+    if not name_or_path:
+        return None
+    p = Path(name_or_path)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return str(p)
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.exists():
+        return str(packaged)
+    known = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path!r} not found (packaged configs: {known})")
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(config_path(args.config), args.overrides)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from ncd.synthetic import SyntheticSpec, write_dataset
+
+    spec = SyntheticSpec(seed=args.seed, image_size=args.size, images_per_family=args.per_family)
+    root = write_dataset(args.out, spec)
+    print(f"demo data written to {root}")
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from ncd.catalog import build_manifest
+
+    cfg = _load(args)
+    table = build_manifest(cfg.data, cfg.s3)
+    out = args.out or io.join(cfg.output, "manifest.parquet")
+    io.write_table(table, out, cfg.s3)
+    print(f"{table.num_rows} images -> {out}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.local:
+        from ncd.catalog import build_manifest
+        from ncd.preprocess import preprocess_manifest, write_regions
+
+        t0 = time.perf_counter()
+        manifest = build_manifest(cfg.data, cfg.s3)
+        table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, progress=Progress())
+        out = write_regions(table, cfg.preprocess.output, cfg.s3)
+        print(f"{manifest.num_rows} images -> {table.num_rows} regions in {time.perf_counter() - t0:.1f}s -> {out}")
+        return 0
+    import ray
+
+    from ray_jobs.preprocess import run_preprocess
+
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+    print(run_preprocess(cfg))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ncd.evaluate import evaluate_predictions, metrics_markdown
+
+    table = io.read_table(args.predictions)
+    result = evaluate_predictions(table, truth_column=args.truth_column, pred_column=args.pred_column)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        io.write_bytes(io.join(args.out, "metrics.json"), text.encode())
+        io.write_bytes(io.join(args.out, "metrics.md"), metrics_markdown(result).encode())
+    print(metrics_markdown(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ray_jobs.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ncd", description="Discover and classify new kinds of industrial defects.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=None, help="YAML file or packaged config name (e.g. demo_smoke)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set mebin.min_interval_len=5 (repeatable)")
+        return p
+
+    p = sub.add_parser("demo-data", help="write the embedded synthetic dataset (generic layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--per-family", type=int, default=8)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = with_config(sub.add_parser("catalog", help="build the manifest table of a dataset"))
+    p.add_argument("--out", default=None, help="manifest path (.parquet or .csv); default <output>/manifest.parquet")
+    p.set_defaults(func=cmd_catalog)
+
+    p = with_config(sub.add_parser("preprocess", help="MEBin + crops -> region table"))
+    p.add_argument("--local", action="store_true", help="run in this process instead of on Ray Data")
+    p.add_argument("--address", default=None, help="Ray address (default: a local instance)")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("evaluate", help="NMI / ARI / F1 from a predictions table")
+    p.add_argument("predictions", help="Parquet or CSV with category, truth and predicted cluster columns")
+    p.add_argument("--truth-column", default="gt_type")
+    p.add_argument("--pred-column", default="cluster")
+    p.add_argument("--out", default=None, help="folder for metrics.json and metrics.md")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = with_config(sub.add_parser("demo", help="run the main job on the embedded demo data"))
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--address", default=None)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, StorageError, FileNotFoundError) as err:
+        print(f"ncd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

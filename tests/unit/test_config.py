@@ -1,0 +1,66 @@
+import pytest
+
+from ncd.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, from_dict, load_config, to_dict
+
+
+def test_defaults_reproduce_the_paper():
+    cfg = ExperimentConfig()
+    assert (cfg.mebin.sample_rate, cfg.mebin.min_interval_len, cfg.mebin.erode) == (4, 4, True)
+    assert cfg.model.backbone == "vit_base_patch8_224.dino"
+    assert (cfg.model.mask_layers, cfg.model.grad_from_block, cfg.model.n_head) == (9, 11, 4)
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (0.003, 50, 32, 3407)
+    assert (cfg.loss.sup_weight, cfg.loss.memax_weight, cfg.loss.anomaly_thred) == (0.3, 4.0, 0.5)
+    assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.07, 0.04)
+    assert cfg.train.kmeans_init is False
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(ExperimentConfig(), ["mebin.min_interval_len=5", "train.lr=0.01", "mebin.erode=false",
+                                               "mebin.lower_bound=0", "data.categories=a,b"])
+    assert cfg.mebin.min_interval_len == 5 and isinstance(cfg.mebin.min_interval_len, int)
+    assert cfg.train.lr == 0.01
+    assert cfg.mebin.erode is False
+    assert cfg.mebin.lower_bound == 0
+    assert cfg.data.categories == ("a", "b")
+    assert apply_overrides(cfg, ["mebin.lower_bound=none"]).mebin.lower_bound is None
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        ExperimentConfig().train.lr = 1.0  # type: ignore[misc]
+
+
+def test_unknown_override_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(ExperimentConfig(), ["mebin.sample_rat=3"])
+    assert "mebin.sample_rat" in str(err.value) and "sample_rate" in str(err.value)
+    with pytest.raises(ConfigError, match="valid keys: .*mebin"):
+        apply_overrides(ExperimentConfig(), ["mebinn.x=1"])
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        apply_overrides(ExperimentConfig(), ["train.epochs=ten"])
+    with pytest.raises(ConfigError, match="form"):
+        apply_overrides(ExperimentConfig(), ["train.epochs"])
+
+
+def test_yaml_unknown_key_names_file_and_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert "train.lrr" in str(err.value) and str(p) in str(err.value) and "lr" in str(err.value)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = apply_overrides(ExperimentConfig(), ["data.categories=x", "train.epochs=3"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
