@@ -1,0 +1,149 @@
+"""Training and evaluation data from region tables (METHOD.md 5.1).
+
+The training set is the labelled base crops (optional) followed by the unlabelled
+novel crops. The sampler draws with replacement so that about half of each batch is
+labelled; without a base set every sample is unlabelled and the labelled terms drop.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ncd.augment import ViewSpec, test_view, train_view
+
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class RegionSet:
+    """Decoded-on-demand crops and their metadata; ``labels`` is -1 for unlabelled rows."""
+
+    crop_png: list[bytes]
+    mask_png: list[bytes]
+    labels: np.ndarray  # (N,) int64
+    scores: np.ndarray  # (N,) float32, crop scores in [0,1] (1 for labelled rows)
+    region_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.region_ids)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        return self.labels >= 0
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (3,H,W) uint8 and mask (1,H,W) float in [0,1] of row ``i``."""
+        img = cv2.imdecode(np.frombuffer(self.crop_png[i], np.uint8), cv2.IMREAD_COLOR)
+        mask = cv2.imdecode(np.frombuffer(self.mask_png[i], np.uint8), cv2.IMREAD_GRAYSCALE)
+        img = torch.from_numpy(np.ascontiguousarray(img[..., ::-1])).permute(2, 0, 1)
+        return img, torch.from_numpy(mask)[None].float() / 255.0
+
+
+def base_classes(base: pa.Table | None) -> list[str]:
+    """Sorted base class names (labels 0..L-1)."""
+    return [] if base is None else sorted(set(base.column("gt_type").to_pylist()))
+
+
+def build_training_set(novel: pa.Table, base: pa.Table | None = None) -> RegionSet:
+    """Labelled base rows (labels 0..L-1) followed by unlabelled novel rows."""
+    classes = base_classes(base)
+    parts = [(base, True), (novel, False)] if base is not None else [(novel, False)]
+    crops, masks, labels, scores, ids = [], [], [], [], []
+    for table, is_base in parts:
+        crops += table.column("crop_png").to_pylist()
+        masks += table.column("mask_png").to_pylist()
+        ids += table.column("region_id").to_pylist()
+        if is_base:
+            labels += [classes.index(t) for t in table.column("gt_type").to_pylist()]
+            scores += [1.0] * table.num_rows
+        else:
+            labels += [UNLABELLED] * table.num_rows
+            scores += table.column("score").to_pylist()
+    return RegionSet(crops, masks, np.asarray(labels, np.int64), np.asarray(scores, np.float32), ids)
+
+
+def eval_set(table: pa.Table) -> RegionSet:
+    """Unlabelled rows for inference and feature extraction."""
+    return build_training_set(table, None)
+
+
+class TwoViewDataset(Dataset):
+    """Two independently augmented views per sample; randomness seeded by (seed, epoch, index)."""
+
+    def __init__(self, regions: RegionSet, spec: ViewSpec, seed: int = 0) -> None:
+        self.regions, self.spec, self.seed, self.epoch = regions, spec, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+        img, mask = self.regions.load(i)
+        views = [train_view(img, mask, self.spec, g) for _ in range(2)]
+        return dict(images=torch.stack([v[0] for v in views]), masks=torch.stack([v[1] for v in views]),
+                    label=torch.tensor(int(self.regions.labels[i])), score=torch.tensor(float(self.regions.scores[i])),
+                    index=torch.tensor(i))
+
+
+class EvalDataset(Dataset):
+    """The deterministic test view of every sample."""
+
+    def __init__(self, regions: RegionSet, spec: ViewSpec) -> None:
+        self.regions, self.spec = regions, spec
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        img, mask = self.regions.load(i)
+        image, mask = test_view(img, mask, self.spec)
+        return dict(images=image, masks=mask, index=torch.tensor(i))
+
+
+def sampling_weights(labelled: np.ndarray) -> np.ndarray:
+    """1 for labelled rows and L_n/U_n for unlabelled ones (expected half/half batches)."""
+    n_lab, n_unl = int(labelled.sum()), int((~labelled).sum())
+    if n_lab == 0 or n_unl == 0:
+        return np.ones(len(labelled), np.float64)
+    return np.where(labelled, 1.0, n_lab / n_unl)
+
+
+class HalfHalfSampler(Sampler[int]):
+    """Weighted sampling with replacement, split over ranks (``WeightedRandomSampler`` per rank).
+
+    Each rank draws ``ceil(N / world_size)`` indices per epoch from its own seeded
+    generator. Without labelled rows (or without unlabelled ones) it is a seeded
+    shuffle split over ranks instead.
+    """
+
+    def __init__(self, labelled: np.ndarray, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.weights = torch.as_tensor(sampling_weights(labelled))
+        self.mixed = bool(labelled.any() and (~labelled).any())
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.num_samples = math.ceil(len(labelled) / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
+        if self.mixed:
+            yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
+            return
+        shared = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729)
+        perm = torch.randperm(len(self.weights), generator=shared)
+        padded = torch.cat([perm, perm[: self.num_samples * self.world_size - len(perm)]])
+        yield from padded[self.rank::self.world_size].tolist()
