@@ -96,7 +96,7 @@ def train_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec,
     return _normalise(image, spec), mask.clamp(0, 1)
 
 
-def test_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The deterministic test view: resize the shorter side, crop at the upstream fixed
     offset ((resize - size) // 2 from the top-left, off-centre for non-square crops)."""
     image, mask = _resize_shorter(image, mask, spec.resize)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ncd.augment import ViewSpec, test_view, train_view
+from ncd.augment import ViewSpec, eval_view, train_view
 
 UNLABELLED = -1
 
@@ -106,7 +106,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         img, mask = self.regions.load(i)
-        image, mask = test_view(img, mask, self.spec)
+        image, mask = eval_view(img, mask, self.spec)
         return dict(images=image, masks=mask, index=torch.tensor(i))
 
 
