@@ -1,0 +1,234 @@
+"""The one training loop (METHOD.md section 5), written against a run context.
+
+``LocalContext`` runs it in one process (tests, laptop); ``ray_jobs/train.py`` wraps
+it in a Ray Train context for DDP over workers. Everything else is identical.
+"""
+from __future__ import annotations
+
+import io as _io
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ncd import dist, io
+from ncd.augment import ViewSpec
+from ncd.cluster.kmeans import kmeans
+from ncd.config import ExperimentConfig, S3Config, to_dict
+from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
+from ncd.infer import autocast, forward_regions
+from ncd.losses.criterion import ncd_criterion
+from ncd.model.heads import select_head
+from ncd.model.ncd_model import NCDModel, build_ncd_model
+from ncd.schedules import cosine_lr, teacher_temperature_schedule
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RunContext(Protocol):
+    """Where the loop runs: rank, world size, device, how it reports and checkpoints."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None: ...
+
+    def latest_checkpoint(self) -> dict[str, Any] | None: ...
+
+
+def save_checkpoint(state: dict[str, Any], uri: str, s3: S3Config | None = None) -> None:
+    buf = _io.BytesIO()
+    torch.save(state, buf)
+    io.write_bytes(uri, buf.getvalue(), s3)
+
+
+def load_checkpoint(uri: str, s3: S3Config | None = None) -> dict[str, Any]:
+    return torch.load(_io.BytesIO(io.read_bytes(uri, s3)), map_location="cpu", weights_only=False)
+
+
+def epoch_dir(root: str, epoch: int) -> str:
+    return io.join(root, f"epoch_{epoch:04d}")
+
+
+class LocalContext:
+    """One process; checkpoints in ``<checkpoint_root>/epoch_NNNN/checkpoint.pt`` (local or s3://)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_root: str | None = None, device: str | torch.device | None = None,
+                 s3: S3Config | None = None) -> None:
+        self.root, self.s3 = checkpoint_root, s3
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.history: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        self.history.append(metrics)
+        log.info("epoch %d: %s", metrics["epoch"], {k: round(v, 4) for k, v in metrics.items()
+                                                    if isinstance(v, float)})
+        if checkpoint is not None and self.root:
+            save_checkpoint(checkpoint, io.join(epoch_dir(self.root, metrics["epoch"]), CHECKPOINT_FILE), self.s3)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        if not self.root or not io.exists(self.root, self.s3):
+            return None
+        files = [f for f in io.list_files(self.root, self.s3) if f.endswith("/" + CHECKPOINT_FILE)]
+        return load_checkpoint(io.join(self.root, max(files)), self.s3) if files else None
+
+
+@dataclass
+class TrainResult:
+    model: NCDModel
+    head_losses: list[float]
+    selected_head: int
+    class_map: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def num_novel_classes(novel: pa.Table, requested: int) -> int:
+    """K: the configured value, else the number of ground-truth types in the novel table."""
+    if requested > 0:
+        return requested
+    types = {t for t in novel.column("gt_type").to_pylist() if t}
+    if not types:
+        raise ValueError("train.num_novel is 0 and the region table has no gt types: set train.num_novel (K)")
+    return len(types)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; no weight decay on biases and 1-D parameters (norms)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def view_spec(cfg: ExperimentConfig) -> ViewSpec:
+    return ViewSpec(size=cfg.model.image_size, crop_pct=cfg.model.crop_pct)
+
+
+def init_prototypes_from_kmeans(model: NCDModel, novel: pa.Table, k: int, cfg: ExperimentConfig,
+                                device: torch.device) -> None:
+    """Novel prototypes from FAISS k-means of the frozen features of the unlabelled crops.
+
+    Each head gets its own k-means seed, so heads still start from different partitions.
+    """
+    out = forward_regions(model, eval_set(novel), view_spec(cfg), cfg.train.batch_size, device, cfg.train.amp)
+    feats = out.feat / np.maximum(np.linalg.norm(out.feat, axis=1, keepdims=True), 1e-12)
+    heads = model.heads
+    cents = [kmeans(feats.astype(np.float32), k, seed=cfg.train.seed + h, spherical=True).centroids
+             for h in range(heads.n_head)]
+    heads.init_novel_prototypes(torch.from_numpy(np.stack(cents)))
+
+
+def _gather_ok(ok: bool, device: torch.device) -> bool:
+    """True when every rank's batch is usable (skipping must be collective under DDP)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    return bool(dist.all_reduce_sum(flag).item() >= dist.world_size())
+
+
+def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: RunContext) -> TrainResult:
+    """Train the AnomalyNCD model on ``novel`` (unlabelled) and ``base`` (labelled, optional) regions."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    classes = base_classes(base)
+    k = num_novel_classes(novel, tc.num_novel)
+    class_map = {"base_classes": classes, "num_base": len(classes), "num_novel": k,
+                 "categories": sorted(set(novel.column("category").to_pylist()))}
+    model = build_ncd_model(cfg.model, len(classes), k, cfg.s3)
+    temps = teacher_temperature_schedule(tc.epochs, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+                                         cfg.loss.warmup_teacher_temp_epochs, cfg.loss.repeat_times)
+    resume = ctx.latest_checkpoint()
+    if resume is None and tc.kmeans_init:
+        init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
+    model = model.to(ctx.device)
+    optimizer = torch.optim.SGD(parameter_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum)
+    start_epoch, history = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch, history = resume["epoch"] + 1, list(resume.get("history", []))
+        log.info("resumed from epoch %d", resume["epoch"])
+    net = ctx.prepare_model(model)
+
+    regions = build_training_set(novel, base)
+    dataset = TwoViewDataset(regions, view_spec(cfg), seed=tc.seed)
+    sampler = HalfHalfSampler(regions.labelled, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size)
+    loader = DataLoader(dataset, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
+                        num_workers=tc.loader_workers, drop_last=False, persistent_workers=tc.loader_workers > 0)
+    need_both = base is not None
+    head_losses = [math.nan] * cfg.model.n_head
+    gather = ctx.world_size > 1
+
+    for epoch in range(start_epoch, tc.epochs):
+        lr = cosine_lr(epoch, tc.lr, tc.epochs, tc.eta_min_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        net.train()
+        sums: dict[str, float] = {}
+        head_sum = torch.zeros(cfg.model.n_head)
+        steps = skipped = 0
+        for batch in loader:
+            labelled = batch["label"] >= 0
+            ok = not need_both or (bool(labelled.any()) and bool((~labelled).any()))
+            if gather:
+                ok = _gather_ok(ok, ctx.device)
+            if not ok:
+                skipped += 1
+                continue
+            images = torch.cat([batch["images"][:, 0], batch["images"][:, 1]]).to(ctx.device, non_blocking=True)
+            masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]]).to(ctx.device, non_blocking=True)
+            with autocast(ctx.device, tc.amp):
+                out = net(images, masks)
+            parts = ncd_criterion([z.float() for z in out["logits"]], out["proj"].float(), batch["label"],
+                                  labelled, batch["score"], num_base=len(classes), teacher_temp=temps[epoch],
+                                  cfg=cfg.loss, gather=gather)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            steps += 1
+            for name, value in parts.items():
+                if name != "cluster_per_head" and value.numel() == 1:
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+            head_sum += parts["cluster_per_head"].float().cpu()
+        if gather:  # report the mean over ranks, so every rank sees the same numbers
+            names = sorted(sums)
+            packed = dist.all_reduce_mean(torch.tensor([sums[n] for n in names] + head_sum.tolist(),
+                                                       dtype=torch.float64, device=ctx.device)).cpu()
+            sums = dict(zip(names, packed[: len(names)].tolist()))
+            head_sum = packed[len(names):].float()
+        head_losses = (head_sum / max(steps, 1)).tolist() if steps else [math.nan] * cfg.model.n_head
+        metrics = {name: value / max(steps, 1) for name, value in sums.items()}
+        metrics.update(epoch=epoch, lr=lr, teacher_temp=temps[epoch], steps=steps, skipped_batches=skipped,
+                       **{f"cluster_head{h}": v for h, v in enumerate(head_losses)})
+        history.append(metrics)
+        last = epoch == tc.epochs - 1
+        checkpoint = None
+        if ctx.rank == 0 and (last or (tc.checkpoint_every > 0 and (epoch + 1) % tc.checkpoint_every == 0)):
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "config": to_dict(cfg), "class_map": class_map, "head_losses": head_losses,
+                          "history": history}
+        ctx.report(metrics, checkpoint)
+
+    if resume is not None and start_epoch >= tc.epochs:
+        head_losses = list(resume.get("head_losses", head_losses))
+    selected = select_head(head_losses) if any(not math.isnan(v) for v in head_losses) else 0
+    return TrainResult(model=model, head_losses=head_losses, selected_head=selected, class_map=class_map,
+                       history=history)

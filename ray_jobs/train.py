@@ -1,0 +1,116 @@
+"""Ray Train entrypoint: ``ncd.engine.train`` under DDP with ``TorchTrainer``.
+
+    python -m ray_jobs.train --config demo_smoke --regions outputs/demo_smoke/regions \
+        --num-workers 2 [--use-gpu] [--set train.epochs=4]
+
+Checkpoints go to ``RunConfig(storage_path, name)`` (local dir or ``s3://``); running
+again with the same name resumes from the latest checkpoint (Ray Train restores the
+run's checkpoint state from storage), and ``FailureConfig`` retries failed workers
+from it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ncd import io
+from ncd.config import ExperimentConfig, from_dict, load_config, to_dict
+from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
+from ncd.preprocess import read_regions
+
+log = logging.getLogger(__name__)
+
+
+class RayTrainContext:
+    """``ncd.engine.RunContext`` on a Ray Train worker."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.history: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        self.history.append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            if checkpoint is None:
+                ray.train.report(metrics)
+                return
+            save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Per-worker function: read the region tables, run the shared loop."""
+    cfg = from_dict(ExperimentConfig, config["cfg"])
+    novel = read_regions(config["regions"], cfg.s3)
+    base = read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None
+    train(cfg, novel, base, RayTrainContext())
+
+
+def build_trainer(cfg: ExperimentConfig, regions_uri: str, num_workers: int, use_gpu: bool,
+                  storage_path: str | None = None, name: str | None = None, max_failures: int = 2,
+                  cpus_per_worker: float = 1.0) -> TorchTrainer:
+    storage = storage_path or io.join(cfg.output, "ray_train")
+    if not io.is_s3(storage):
+        storage = os.path.abspath(storage)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "regions": regions_uri},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name or cfg.name, storage_path=storage,
+                             storage_filesystem=io.filesystem(storage, cfg.s3)[0] if io.is_s3(storage) else None,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+
+
+def run_train(cfg: ExperimentConfig, regions_uri: str, num_workers: int = 1, use_gpu: bool = False, **kwargs: Any):
+    """Fit on the current Ray cluster; returns the ``ray.train.Result``."""
+    return build_trainer(cfg, regions_uri, num_workers, use_gpu, **kwargs).fit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--regions", default=None, help="region table (default <preprocess.output>/regions)")
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--storage-path", default=None, help="run storage, local or s3:// (default <output>/ray_train)")
+    parser.add_argument("--name", default=None, help="run name; the same name resumes")
+    parser.add_argument("--address", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray_jobs.cli import config_path
+
+    cfg = load_config(config_path(args.config), args.overrides)
+    ray.init(address=args.address, ignore_reinit_error=True)
+    regions = args.regions or io.join(cfg.preprocess.output, "regions")
+    result = run_train(cfg, regions, args.num_workers, args.use_gpu, storage_path=args.storage_path, name=args.name)
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+
+
+if __name__ == "__main__":
+    main()

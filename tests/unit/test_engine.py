@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ncd.catalog import build_manifest
+from ncd.config import load_config
+from ncd.engine import LocalContext, train
+from ncd.preprocess import preprocess_manifest
+from ncd.synthetic import SyntheticSpec, write_base_set, write_dataset
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    root = write_dataset(d / "novel", SyntheticSpec(categories=("plate",), images_per_family=4, normal_images=4,
+                                                    image_size=64, seed=2))
+    from ncd.synthetic import BASE_SPEC
+    import dataclasses
+
+    base_root = write_base_set(d / "base", dataclasses.replace(BASE_SPEC, images_per_family=3, image_size=64))
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={root}"])
+    novel = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data)
+    bcfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={base_root}"])
+    base = preprocess_manifest(build_manifest(bcfg.data), bcfg.mebin, bcfg.crop, bcfg.data)
+    return novel, base
+
+
+def _cfg(*extra):
+    return load_config("ncd/configs/demo_smoke.yaml", ["train.batch_size=16", *extra])
+
+
+def test_loss_decreases_single_process(tables):
+    novel, base = tables
+    cfg = _cfg("train.epochs=6", "loss.warmup_teacher_temp_epochs=0", "train.lr=0.01", "train.kmeans_init=false")
+    res = train(cfg, novel, base, LocalContext())
+    losses = [h["loss"] for h in res.history]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-2:]) < losses[0]
+    assert res.class_map["num_base"] == 4 and res.class_map["num_novel"] == 6
+    assert res.history[0]["cls"] == res.history[0]["cls"]  # labelled terms present with a base set
+    assert 0 <= res.selected_head < cfg.model.n_head
+
+
+def test_without_base_set_labelled_terms_drop(tables):
+    novel, _ = tables
+    res = train(_cfg("train.epochs=1"), novel, None, LocalContext())
+    h = res.history[0]
+    assert math.isnan(h["cls"]) and math.isnan(h["supcon"]) and math.isfinite(h["loss"])
+    assert res.class_map["num_base"] == 0
+
+
+def test_resume_reproduces_uninterrupted_run(tables, tmp_path):
+    novel, base = tables
+    cfg = _cfg("train.epochs=3", "train.checkpoint_every=1")
+    full = train(cfg, novel, base, LocalContext(str(tmp_path / "a")))
+
+    class Crash(LocalContext):
+        def report(self, metrics, checkpoint):
+            super().report(metrics, checkpoint)
+            if metrics["epoch"] == 1:
+                raise KeyboardInterrupt("simulated crash after epoch 1")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, novel, base, Crash(str(tmp_path / "b")))
+    ctx = LocalContext(str(tmp_path / "b"))
+    saved = ctx.latest_checkpoint()
+    assert saved["epoch"] == 1 and saved["optimizer"]["state"], "optimiser momentum must be checkpointed"
+    resumed = train(cfg, novel, base, ctx)
+    assert [h["epoch"] for h in ctx.history] == [2]
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_skipped_batches_do_not_step(tables):
+    novel, base = tables
+    cfg = _cfg("train.epochs=1", "train.batch_size=1", "train.kmeans_init=false")
+    res = train(cfg, novel.slice(0, 3), base.slice(0, 3), LocalContext())
+    assert res.history[0]["steps"] == 0 and res.history[0]["skipped_batches"] == 6
+    assert all(math.isnan(v) for v in res.head_losses)
