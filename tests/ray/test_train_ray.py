@@ -1,0 +1,37 @@
+import os
+
+import pytest
+
+from ncd.catalog import build_manifest
+from ncd.config import load_config
+from ncd.engine import CHECKPOINT_FILE, load_checkpoint
+from ncd.preprocess import preprocess_manifest, write_regions
+
+pytestmark = pytest.mark.ray
+
+
+def _latest(result):
+    with result.checkpoint.as_directory() as d:
+        return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+
+
+def test_ray_train_two_workers_checkpoints_and_resumes(demo_root, ray_local, tmp_path):
+    from ray_jobs.train import run_train
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      f"output={tmp_path}", "train.epochs=2",
+                                                      "train.checkpoint_every=1", "train.batch_size=8"])
+    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
+                            str(tmp_path / "pp"))
+    first = run_train(cfg, regions, num_workers=2, cpus_per_worker=0.5, name="resume")
+    assert first.error is None
+    assert first.metrics["epoch"] == 1 and first.metrics["steps"] > 0
+    saved = _latest(first)
+    assert saved["epoch"] == 1 and saved["optimizer"]["state"]
+    assert saved["class_map"]["num_novel"] == 6
+
+    longer = cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(**{**cfg.train.__dict__, "epochs": 3})})
+    second = run_train(longer, regions, num_workers=2, cpus_per_worker=0.5, name="resume")
+    final = _latest(second)
+    assert [h["epoch"] for h in final["history"]] == [0, 1, 2], "the resumed run must continue at epoch 2"
+    assert [h["loss"] for h in final["history"][:2]] == [h["loss"] for h in saved["history"]]
