@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ncd import dist, io
 from ncd.augment import ViewSpec
 from ncd.cluster.kmeans import kmeans
-from ncd.config import ExperimentConfig, S3Config, to_dict
+from ncd.config import ExperimentConfig, LossConfig, S3Config, to_dict
 from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
 from ncd.infer import autocast, forward_regions
 from ncd.losses.criterion import ncd_criterion
@@ -142,6 +142,24 @@ def _gather_ok(ok: bool, device: torch.device) -> bool:
     return bool(dist.all_reduce_sum(flag).item() >= dist.world_size())
 
 
+def train_step(net: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *, num_base: int,
+               teacher_temp: float, loss_cfg: LossConfig, device: torch.device, amp: bool = False,
+               gather: bool = False) -> dict[str, torch.Tensor]:
+    """One optimiser step on a collated two-view batch (``images`` (B,2,3,S,S), ``masks``
+    (B,2,1,S,S), ``label`` (B,) with -1 for unlabelled, ``score`` (B,)); returns the loss parts."""
+    images = torch.cat([batch["images"][:, 0], batch["images"][:, 1]]).to(device, non_blocking=True)
+    masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]]).to(device, non_blocking=True)
+    with autocast(device, amp):
+        out = net(images, masks)
+    labels = batch["label"]
+    parts = ncd_criterion([z.float() for z in out["logits"]], out["proj"].float(), labels, labels >= 0,
+                          batch["score"], num_base=num_base, teacher_temp=teacher_temp, cfg=loss_cfg, gather=gather)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    optimizer.step()
+    return parts
+
+
 def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: RunContext) -> TrainResult:
     """Train the AnomalyNCD model on ``novel`` (unlabelled) and ``base`` (labelled, optional) regions."""
     tc = cfg.train
@@ -182,8 +200,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         net.train()
-        sums: dict[str, float] = {}
-        head_sum = torch.zeros(cfg.model.n_head)
+        sums: dict[str, Any] = {}
+        head_sum: torch.Tensor | float = 0.0
         steps = skipped = 0
         for batch in loader:
             labelled = batch["label"] >= 0
@@ -193,21 +211,15 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
             if not ok:
                 skipped += 1
                 continue
-            images = torch.cat([batch["images"][:, 0], batch["images"][:, 1]]).to(ctx.device, non_blocking=True)
-            masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]]).to(ctx.device, non_blocking=True)
-            with autocast(ctx.device, tc.amp):
-                out = net(images, masks)
-            parts = ncd_criterion([z.float() for z in out["logits"]], out["proj"].float(), batch["label"],
-                                  labelled, batch["score"], num_base=len(classes), teacher_temp=temps[epoch],
-                                  cfg=cfg.loss, gather=gather)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            optimizer.step()
+            parts = train_step(net, batch, optimizer, num_base=len(classes), teacher_temp=temps[epoch],
+                               loss_cfg=cfg.loss, device=ctx.device, amp=tc.amp, gather=gather)
             steps += 1
             for name, value in parts.items():
                 if name != "cluster_per_head" and value.numel() == 1:
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-            head_sum += parts["cluster_per_head"].float().cpu()
+                    sums[name] = sums.get(name, 0.0) + value.detach()
+            head_sum = head_sum + parts["cluster_per_head"].detach().float()
+        sums = {name: float(value) for name, value in sums.items()}
+        head_sum = head_sum.cpu() if torch.is_tensor(head_sum) else torch.zeros(cfg.model.n_head)
         if gather:  # report the mean over ranks, so every rank sees the same numbers
             names = sorted(sums)
             packed = dist.all_reduce_mean(torch.tensor([sums[n] for n in names] + head_sum.tolist(),
