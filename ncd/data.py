@@ -70,8 +70,10 @@ def build_training_set(novel: pa.Table, base: pa.Table | None = None) -> RegionS
 
 
 def eval_set(table: pa.Table) -> RegionSet:
-    """Unlabelled rows for inference and feature extraction."""
-    return build_training_set(table, None)
+    """Rows for inference and feature extraction (needs only ``region_id``, ``crop_png``, ``mask_png``)."""
+    n = table.num_rows
+    return RegionSet(table.column("crop_png").to_pylist(), table.column("mask_png").to_pylist(),
+                     np.full(n, UNLABELLED, np.int64), np.zeros(n, np.float32), table.column("region_id").to_pylist())
 
 
 class TwoViewDataset(Dataset):

@@ -113,10 +113,66 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_discover_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments shared by ``ncd discover``, ``ncd demo`` and ``python -m ray_jobs.discover``."""
+    p.add_argument("--config", default=None, help="YAML file or packaged config name (e.g. mtd)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--images", default=None, help="dataset root (sets data.root)")
+    p.add_argument("--maps", default=None, help="anomaly maps root (sets data.maps)")
+    p.add_argument("--layout", default=None, help="generic | mvtec | mtd | manifest (sets data.layout)")
+    p.add_argument("--out", default=None, help="output folder or s3:// prefix (sets output and preprocess.output)")
+    p.add_argument("--k", default=None, help="number of novel classes; 'auto' estimates it (sets train.num_novel)")
+    p.add_argument("--method", default=None, help="anomalyncd | protoanomalyncd")
+    p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
+    p.add_argument("--address", default=None, help="Ray address (default: a local instance)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (and inference actors)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true")
+    return p
+
+
+def discover_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The config that ``discover`` arguments describe."""
+    sets = list(args.overrides)
+    if args.images:
+        sets.append(f"data.root={args.images}")
+    if args.maps:
+        sets.append(f"data.maps={args.maps}")
+    if args.layout:
+        sets.append(f"data.layout={args.layout}")
+    if args.out:
+        sets += [f"output={args.out}", f"preprocess.output={args.out}"]
+    if args.k:
+        sets.append(f"train.num_novel={-1 if args.k == 'auto' else int(args.k)}")
+    if args.method:
+        sets.append(f"method={args.method}")
+    return load_config(config_path(args.config), sets)
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from ray_jobs.discover import main as discover_main
+
+    return discover_main(args.argv)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
     return run_demo(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ncd.pipeline import base_set, local_train, LOCAL_STAGES
+    from ncd.predict import save_model
+    from ncd.preprocess import read_regions
+
+    cfg = _load(args)
+    regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)
+    trained = local_train(cfg, regions, base_set(cfg, LOCAL_STAGES))
+    out = io.join(cfg.output, "model.pt")
+    save_model(trained, out, cfg.s3)
+    print(f"model -> {out} (head {trained.head})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,15 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for metrics.json and metrics.md")
     p.set_defaults(func=cmd_evaluate)
 
-    p = with_config(sub.add_parser("demo", help="run the main job on the embedded demo data"))
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--address", default=None)
+    p = with_config(sub.add_parser("train", help="train in this process (Ray Train: python -m ray_jobs.train)"))
+    p.add_argument("--regions", default=None, help="region table (default <preprocess.output>/regions)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("discover", help="catalog -> preprocess -> train -> infer -> evaluate", add_help=False)
+    p.set_defaults(func=cmd_discover)
+
+    p = add_discover_arguments(sub.add_parser("demo", help="run the main job on the embedded demo data"))
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "discover":
+        args.argv = rest
+    elif rest:
+        build_parser().parse_args(argv)  # reports the unknown arguments
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

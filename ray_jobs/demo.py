@@ -15,16 +15,21 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
 
     from ncd.synthetic import SyntheticSpec, write_dataset
-    from ray_jobs.cli import _load
-    from ray_jobs.discover import run_discover
+    from ncd.pipeline import LOCAL_STAGES, discover, summary_text
+    from ray_jobs.cli import discover_config
+    from ray_jobs.discover import ray_stages
 
-    if args.config is None:
-        args.config = "demo"
-    cfg = _load(args)
-    cfg = apply_overrides(cfg, [f"output={args.out}", f"data.root={io.join(args.out, 'data')}",
-                                f"preprocess.output={args.out}", "data.layout=generic"])
+    args.config = args.config or "demo"
+    args.out = args.out or "outputs/demo"
+    cfg = discover_config(args)
+    cfg = apply_overrides(cfg, [f"data.root={io.join(cfg.output, 'data')}", "data.layout=generic", "data.maps="])
     t0 = time.perf_counter()
     root = write_dataset(cfg.data.root, SyntheticSpec(seed=cfg.train.seed % 1000))
     print(f"[demo] synthetic dataset written to {root} in {time.perf_counter() - t0:.1f}s")
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
-    return run_discover(cfg)
+    print(f"[demo] backbone {cfg.model.backbone}, weights {cfg.model.weights}")
+    if not args.local:
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)
+    summary = discover(cfg, stages, progress=print)
+    print(summary_text(summary))
+    return 0

@@ -1,0 +1,203 @@
+"""``discover``: catalog -> preprocess -> train -> infer -> evaluate, into one output folder.
+
+The heavy stages are pluggable (``Stages``): in one process here, on Ray Data and Ray
+Train in ``ray_jobs/discover.py``. Everything else (tables, K estimation, metrics,
+report) is this one function.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ncd import io
+from ncd.catalog import build_manifest
+from ncd.config import ExperimentConfig, apply_overrides, to_dict
+from ncd.data import eval_set
+from ncd.engine import LocalContext, train, view_spec
+from ncd.evaluate import evaluate_predictions, metrics_markdown
+from ncd.infer import RegionOutputs, forward_regions
+from ncd.k_estimation import KEstimate, estimate_k
+from ncd.model.ncd_model import build_ncd_model
+from ncd.predict import (TrainedModel, head_probabilities, image_predictions, region_predictions,
+                         save_model)
+from ncd.preprocess import preprocess_manifest, read_regions, write_regions
+
+log = logging.getLogger(__name__)
+SYNTHETIC_BASE = "synthetic"
+ESTIMATE_K = -1
+
+
+@dataclass
+class Stages:
+    """How the heavy stages run: ``preprocess(cfg, manifest) -> regions``,
+    ``train(cfg, regions, base) -> TrainedModel``, ``infer(trained, regions) -> RegionOutputs``."""
+
+    preprocess: Callable[[ExperimentConfig, pa.Table], pa.Table]
+    train: Callable[[ExperimentConfig, pa.Table, pa.Table | None], TrainedModel]
+    infer: Callable[[TrainedModel, pa.Table], RegionOutputs]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def local_preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
+    table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3)
+    write_regions(table, cfg.preprocess.output, cfg.s3)
+    return table
+
+
+def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:
+    result = train(cfg, regions, base, LocalContext(io.join(cfg.output, "checkpoints"), s3=cfg.s3))
+    return TrainedModel(result.model.eval(), cfg, result.class_map, result.selected_head)
+
+
+def local_infer(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
+    cfg = trained.cfg
+    return forward_regions(trained.model, eval_set(regions), view_spec(cfg), cfg.infer.batch_size,
+                           next(trained.model.parameters()).device, cfg.train.amp)
+
+
+LOCAL_STAGES = Stages(local_preprocess, local_train, local_infer)
+
+
+def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
+    """The labelled base region table: a table URI, ncd's synthetic families, or none."""
+    if not cfg.train.base_table:
+        return None
+    if cfg.train.base_table != SYNTHETIC_BASE:
+        return read_regions(cfg.train.base_table, cfg.s3)
+    from ncd.synthetic import write_base_set
+
+    root = io.join(cfg.output, "base_data")
+    write_base_set(root)
+    base_cfg = apply_overrides(cfg, [f"data.root={root}", "data.layout=generic", "data.maps=", "data.categories=",
+                                     f"preprocess.output={io.join(cfg.output, 'base')}"])
+    return stages.preprocess(base_cfg, build_manifest(base_cfg.data, cfg.s3))
+
+
+def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
+    """Mask-guided CLS features of the pretrained backbone (before any training)."""
+    model = build_ncd_model(cfg.model, 0, 1, cfg.s3).to(device())
+    return forward_regions(model, eval_set(regions), view_spec(cfg), cfg.infer.batch_size, device(),
+                           cfg.train.amp).feat
+
+
+def true_k(regions: pa.Table) -> int:
+    return len({t for t in regions.column("gt_type").to_pylist() if t})
+
+
+def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig, KEstimate | None]:
+    """Resolve ``train.num_novel``: given, the number of gt types (0), or estimated (-1)."""
+    if cfg.train.num_novel > 0:
+        return cfg, None
+    if cfg.train.num_novel == 0 and true_k(regions) > 0:
+        return apply_overrides(cfg, [f"train.num_novel={true_k(regions)}"]), None
+    est = estimate_k(frozen_features(cfg, regions), cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed)
+    log.info("K estimate %d (silhouette per K: %s)", est.k, {k: round(v, 3) for k, v in est.scores.items()})
+    return apply_overrides(cfg, [f"train.num_novel={est.k}"]), est
+
+
+def write_predictions(out: str, name: str, table: pa.Table, s3) -> None:
+    io.write_table(table, io.join(out, f"{name}.parquet"), s3)
+    flat = table.drop_columns([c for c in ("top3", "top3_prob") if c in table.column_names])
+    flat = flat.append_column("top3", pa.array([",".join(map(str, v)) for v in table.column("top3").to_pylist()]))
+    io.write_table(flat, io.join(out, f"{name}.csv"), s3)
+
+
+def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table) -> dict[str, Any] | None:
+    """Image- and region-level metrics, or None without ground truth."""
+    if not any(image_pred.column("gt_type").to_pylist()):
+        return None
+    return {"image": evaluate_predictions(image_pred), "region": evaluate_predictions(region_pred)}
+
+
+def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
+             progress: Callable[[str], None] = lambda s: log.info(s)) -> dict[str, Any]:
+    """Run every stage; returns the summary also written to ``<output>/summary.json``."""
+    out, s3 = cfg.output, cfg.s3
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def stage(i: int, name: str) -> Callable[[], None]:
+        t0 = time.perf_counter()
+        progress(f"[{i}/6] {name} ...")
+
+        def done() -> None:
+            seconds[name] = round(time.perf_counter() - t0, 2)
+            progress(f"[{i}/6] {name} done in {seconds[name]:.1f}s")
+
+        return done
+
+    done = stage(1, "catalog")
+    manifest = build_manifest(cfg.data, s3)
+    io.write_table(manifest, io.join(out, "manifest.parquet"), s3)
+    done()
+
+    done = stage(2, "preprocess")
+    regions = stages.preprocess(cfg, manifest)
+    done()
+    progress(f"      {manifest.num_rows} images -> {regions.num_rows} regions")
+
+    done = stage(3, "base set and K")
+    base = base_set(cfg, stages)
+    cfg, k_est = choose_k(cfg, regions)
+    done()
+
+    done = stage(4, "train")
+    trained = stages.train(cfg, regions, base)
+    done()
+
+    done = stage(5, "infer")
+    outputs = stages.infer(trained, regions)
+    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], cfg.loss.student_temp)
+    region_pred = region_predictions(regions, probs, cfg.infer.unknown_threshold)
+    image_pred, _ = image_predictions(regions, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)
+    write_predictions(out, "region_predictions", region_pred, s3)
+    write_predictions(out, "image_predictions", image_pred, s3)
+    save_model(trained, io.join(out, "model.pt"), s3)
+    done()
+
+    done = stage(6, "evaluate")
+    metrics = evaluate_tables(region_pred, image_pred)
+    k_info = {"k": cfg.train.num_novel, "k_true": true_k(regions) or None,
+              "k_estimate": k_est.k if k_est else None,
+              "scores": {str(k): v for k, v in k_est.scores.items()} if k_est else None}
+    try:
+        from ncd.report import write_report
+
+        write_report(out, image_predictions=image_pred, region_predictions=region_pred, regions=regions,
+                     features=outputs.feat, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3)
+    except ImportError:  # pragma: no cover - the report module is optional in stripped installs
+        io.write_bytes(io.join(out, "report.md"), (metrics_markdown(metrics["image"]) if metrics else "").encode(), s3)
+    if metrics:
+        io.write_bytes(io.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode(), s3)
+    done()
+    seconds["total"] = round(time.perf_counter() - t_all, 2)
+    summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
+               "selected_head": trained.head, "metrics": metrics, "seconds": seconds,
+               "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": to_dict(cfg)}
+    io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
+    return summary
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """What a person reads at the end of ``ncd discover``."""
+    lines = [f"ncd discover: {summary['images']} images, {summary['regions']} regions, K = {summary['k']['k']}"
+             + (f" (estimate {summary['k']['k_estimate']}, truth {summary['k']['k_true']})"
+                if summary["k"]["k_estimate"] is not None else "")]
+    if summary["metrics"]:
+        for level in ("image", "region"):
+            m = summary["metrics"][level]["mean"]
+            lines.append(f"  {level:6s} level: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  F1 {m['f1']:.3f}")
+    lines.append(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
+    lines.append(f"  output: {summary['output']} (report.md, predictions, model.pt)")
+    return "\n".join(lines)
+

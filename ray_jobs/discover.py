@@ -1,0 +1,68 @@
+"""``ncd discover`` on Ray: preprocessing on Ray Data, training on Ray Train, inference
+with Ray Data actors; catalog, K, evaluation and report on the driver.
+
+    python -m ray_jobs.discover --config mtd --set data.maps=s3://bucket/maps [--num-workers 2 --use-gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import pyarrow as pa
+import ray
+
+from ncd import io
+from ncd.config import ExperimentConfig, apply_overrides
+from ncd.engine import CHECKPOINT_FILE, load_checkpoint
+from ncd.pipeline import LOCAL_STAGES, SYNTHETIC_BASE, Stages, discover, summary_text
+from ncd.predict import TrainedModel, model_from_state
+from ncd.preprocess import REGIONS_DIR, read_regions
+from ray_jobs.infer import run_inference
+from ray_jobs.preprocess import run_preprocess
+from ray_jobs.train import run_train
+
+log = logging.getLogger(__name__)
+
+
+def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0) -> Stages:
+    """Stages that run on the connected Ray cluster."""
+
+    def preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
+        return read_regions(run_preprocess(cfg, manifest), cfg.s3)
+
+    def train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:
+        regions_uri = io.join(cfg.preprocess.output, "regions")
+        if base is not None and cfg.train.base_table == SYNTHETIC_BASE:  # preprocessed by base_set()
+            cfg = apply_overrides(cfg, [f"train.base_table={io.join(cfg.output, 'base', REGIONS_DIR)}"])
+        result = run_train(cfg, regions_uri, num_workers, use_gpu, cpus_per_worker=cpus_per_worker)
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}")
+        with result.checkpoint.as_directory() as d:
+            state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+        return model_from_state(state)
+
+    def infer(trained: TrainedModel, regions: pa.Table):
+        return run_inference(trained, regions, num_actors=max(1, num_workers), use_gpu=use_gpu)
+
+    return Stages(preprocess, train, infer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ray_jobs.cli import add_discover_arguments, discover_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_discover_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = discover_config(args)
+    if not args.local:
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)
+    summary = discover(cfg, stages, progress=print)
+    print(summary_text(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
