@@ -1,0 +1,46 @@
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ncd.predict import (UNKNOWN, TrainedModel, image_predictions, load_model, region_predictions, save_model)
+
+
+def _regions(image_ids, areas):
+    n = len(image_ids)
+    return pa.table({"region_id": [f"{i}_crop{j}" for j, i in enumerate(image_ids)], "image_id": image_ids,
+                     "category": ["c"] * n, "gt_type": ["t"] * n, "area": pa.array(areas, pa.int64())})
+
+
+def test_region_and_image_predictions():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.34, 0.33, 0.33]])
+    regions = _regions(["a", "a", "b"], [100, 100, 50])
+    rp = region_predictions(regions, probs)
+    assert rp.column("cluster").to_pylist() == [0, 2, 0]
+    assert rp.column("top3").to_pylist()[1] == [2, 1, 0]
+    ip, merged = image_predictions(regions, probs, area_temperature=50.0)
+    assert ip.column("image_id").to_pylist() == ["a", "b"]
+    assert np.allclose(merged[0], probs[:2].mean(0))  # equal areas -> plain mean
+    assert np.allclose(merged[1], probs[2])  # one region -> its probabilities
+    assert ip.column("num_regions").to_pylist() == [2, 1]
+    assert all(0 <= c < 3 for c in ip.column("cluster").to_pylist())  # always a novel index
+
+
+def test_unknown_threshold():
+    probs = np.array([[0.9, 0.1], [0.55, 0.45]])
+    rp = region_predictions(_regions(["a", "b"], [1, 1]), probs, unknown_threshold=0.6)
+    assert rp.column("cluster").to_pylist() == [0, UNKNOWN]
+
+
+def test_saved_model_predicts_the_same(tmp_path):
+    from ncd.config import load_config
+    from ncd.model.ncd_model import build_ncd_model
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml")
+    model = build_ncd_model(cfg.model, 2, 3).eval()
+    trained = TrainedModel(model, cfg, {"num_base": 2, "num_novel": 3, "base_classes": ["x", "y"]}, 1)
+    save_model(trained, str(tmp_path / "m.pt"))
+    loaded = load_model(str(tmp_path / "m.pt"))
+    images, masks = torch.randn(3, 3, 32, 32), torch.ones(3, 1, 32, 32)
+    a, b = model(images, masks), loaded.model(images, masks)
+    assert loaded.head == 1 and loaded.class_map["num_novel"] == 3
+    assert all(torch.allclose(x, y) for x, y in zip(a["logits"], b["logits"]))
