@@ -146,22 +146,33 @@ def catalog_mvtec(root: str, maps_root: str, s3: S3Config | None = None) -> list
     return rows
 
 
-def catalog_mtd(root: str, maps_root: str, s3: S3Config | None = None) -> list[dict]:
-    """MTD as published: ``<root>/MT_<Type>/Imgs/<name>.jpg`` with the gt mask ``<name>.png`` beside it.
+def _mtd_image_key(rel: str) -> tuple[str, str, str] | None:
+    parts = rel.split("/")
+    if len(parts) != 3 or parts[1] != "Imgs" or not parts[0].startswith("MT_") or not rel.lower().endswith(".jpg"):
+        return None
+    return MTD_CATEGORY, parts[0], _stem(parts[2])
 
-    One category, ``MTD``. Maps: ``<maps>/MT_<Type>/<name>.<ext>`` or ``<maps>/MTD/MT_<Type>/<name>.<ext>``.
-    """
+
+def catalog_mtd_images(root: str, s3: S3Config | None = None) -> list[dict]:
+    """MTD images as published (``<root>/MT_<Type>/Imgs/<name>.jpg``, gt mask ``<name>.png`` beside
+    it), without maps: rows with ``image_id``, ``image_uri``, ``category``, ``gt_type``, ``gt_mask_uri``."""
+    files = io.list_files(root, s3, (".jpg", ".png"))
+    present = set(files)
+    images = _index_by_key(root, files, _mtd_image_key, "image")
+    rows = []
+    for (cat, typ, stem), rel in sorted(images.items()):
+        mask_rel = f"{typ}/Imgs/{stem}.png"
+        rows.append(dict(image_id=f"{cat}/{typ}/{stem}", image_uri=io.join(root, rel), category=cat, gt_type=typ,
+                         gt_mask_uri=io.join(root, mask_rel) if mask_rel in present else ""))
+    return rows
+
+
+def catalog_mtd(root: str, maps_root: str, s3: S3Config | None = None) -> list[dict]:
+    """MTD as published, one category ``MTD``; maps in ``<maps>/MT_<Type>/<name>.<ext>`` or
+    ``<maps>/MTD/MT_<Type>/<name>.<ext>``."""
     if not maps_root:
         raise DataError("data.maps is required for the mtd layout (anomaly maps root)")
-
-    def image_key(rel: str) -> tuple[str, str, str] | None:
-        parts = rel.split("/")
-        if len(parts) != 3 or parts[1] != "Imgs" or not parts[0].startswith("MT_") or not rel.lower().endswith(".jpg"):
-            return None
-        return MTD_CATEGORY, parts[0], _stem(parts[2])
-
-    files = io.list_files(root, s3, (".jpg", ".png"))
-    images = _index_by_key(root, files, image_key, "image")
+    rows = {(r["category"], r["gt_type"], r["image_id"].rsplit("/", 1)[1]): r for r in catalog_mtd_images(root, s3)}
     if io.is_dir(io.join(maps_root, MTD_CATEGORY), s3):
         maps_root = io.join(maps_root, MTD_CATEGORY)
 
@@ -170,14 +181,8 @@ def catalog_mtd(root: str, maps_root: str, s3: S3Config | None = None) -> list[d
         return (MTD_CATEGORY, parts[0], _stem(parts[1])) if len(parts) == 2 else None
 
     maps = _index_by_key(maps_root, io.list_files(maps_root, s3, io.MAP_EXTENSIONS), map_key, "map")
-    present = set(files)
-    rows = []
-    for (cat, typ, stem), img_rel, map_rel in _pair(images, maps, root, maps_root):
-        mask_rel = f"{typ}/Imgs/{stem}.png"
-        rows.append(dict(image_id=f"{cat}/{typ}/{stem}", image_uri=io.join(root, img_rel),
-                         map_uri=io.join(maps_root, map_rel), category=cat, gt_type=typ,
-                         gt_mask_uri=io.join(root, mask_rel) if mask_rel in present else ""))
-    return rows
+    images = {k: r["image_uri"][len(root.rstrip("/")) + 1:] for k, r in rows.items()}
+    return [dict(rows[k], map_uri=io.join(maps_root, map_rel)) for k, _, map_rel in _pair(images, maps, root, maps_root)]
 
 
 def catalog_manifest(uri: str, s3: S3Config | None = None) -> list[dict]:

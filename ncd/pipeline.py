@@ -6,6 +6,7 @@ report) is this one function.
 """
 from __future__ import annotations
 
+import io as _io
 import json
 import logging
 import time
@@ -105,6 +106,12 @@ def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig
     return apply_overrides(cfg, [f"train.num_novel={est.k}"]), est
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = _io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 def write_predictions(out: str, name: str, table: pa.Table, s3) -> None:
     io.write_table(table, io.join(out, f"{name}.parquet"), s3)
     flat = table.drop_columns([c for c in ("top3", "top3_prob") if c in table.column_names])
@@ -120,8 +127,11 @@ def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table) -> dict[str, An
 
 
 def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
-             progress: Callable[[str], None] = lambda s: log.info(s)) -> dict[str, Any]:
-    """Run every stage; returns the summary also written to ``<output>/summary.json``."""
+             progress: Callable[[str], None] = lambda s: log.info(s), manifest: pa.Table | None = None) -> dict[str, Any]:
+    """Run every stage; returns the summary also written to ``<output>/summary.json``.
+
+    ``manifest`` replaces the catalog stage (a benchmark's chosen split, say).
+    """
     out, s3 = cfg.output, cfg.s3
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -137,7 +147,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         return done
 
     done = stage(1, "catalog")
-    manifest = build_manifest(cfg.data, s3)
+    if manifest is None:
+        manifest = build_manifest(cfg.data, s3)
     io.write_table(manifest, io.join(out, "manifest.parquet"), s3)
     done()
 
@@ -163,6 +174,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     write_predictions(out, "region_predictions", region_pred, s3)
     write_predictions(out, "image_predictions", image_pred, s3)
     save_model(trained, io.join(out, "model.pt"), s3)
+    io.write_bytes(io.join(out, "region_features.npy"), npy_bytes(outputs.feat), s3)
     done()
 
     done = stage(6, "evaluate")
