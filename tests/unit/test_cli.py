@@ -1,0 +1,37 @@
+import json
+
+import pyarrow as pa
+
+from ncd.io import read_table, write_table
+from ray_jobs.cli import main
+
+
+def test_catalog_preprocess_evaluate(demo_root, tmp_path, capsys):
+    common = ["--set", f"data.root={demo_root}", "--set", f"output={tmp_path}", "--set", f"preprocess.output={tmp_path}"]
+    assert main(["catalog", *common]) == 0
+    manifest = read_table(str(tmp_path / "manifest.parquet"))
+    assert manifest.num_rows > 0
+    assert main(["preprocess", "--local", *common]) == 0
+    regions = read_table(str(tmp_path / "regions"))
+    assert regions.num_rows >= manifest.num_rows
+    preds = pa.table({"category": ["c"] * 4, "gt_type": ["a", "a", "b", "b"], "cluster": [1, 1, 0, 0]})
+    write_table(preds, str(tmp_path / "p.csv"))
+    assert main(["evaluate", str(tmp_path / "p.csv"), "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["mean"] == {"nmi": 1.0, "ari": 1.0, "f1": 1.0}
+    assert "| c | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
+    assert main(["catalog", "--set", "mebin.sample_rat=3"]) == 2
+    err = capsys.readouterr().err
+    assert "mebin.sample_rat" in err and "sample_rate" in err
+    assert main(["catalog", "--set", f"data.root={tmp_path}/missing"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["catalog", "--config", "no_such_config"]) == 2
+    assert "demo_smoke" in capsys.readouterr().err
+
+
+def test_demo_data(tmp_path):
+    assert main(["demo-data", "--out", str(tmp_path), "--per-family", "1"]) == 0
+    assert (tmp_path / "images").is_dir() and (tmp_path / "maps").is_dir() and (tmp_path / "masks").is_dir()
