@@ -15,12 +15,13 @@ from typing import Callable
 import pyarrow as pa
 
 from ncd import io
+from ncd.catalog_realiad import catalog_realiad
 from ncd.config import DataConfig, S3Config
 from ncd.io import DataError
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("generic", "mvtec", "mtd", "manifest")
+LAYOUTS = ("generic", "mvtec", "mtd", "realiad", "manifest")
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("image_uri", pa.string()),
@@ -234,6 +235,9 @@ def build_manifest(cfg: DataConfig, s3: S3Config | None = None) -> pa.Table:
             rows = catalog_generic(cfg.root, cfg.maps, s3)
         elif cfg.layout == "mvtec":
             rows = catalog_mvtec(cfg.root, cfg.maps, s3)
+        elif cfg.layout == "realiad":
+            rows = catalog_realiad(cfg.root, cfg.maps, s3, resolution=cfg.realiad_resolution, jsons=cfg.realiad_jsons,
+                                   splits=cfg.splits, views=cfg.views, categories=cfg.categories)
         else:
             rows = catalog_mtd(cfg.root, cfg.maps, s3)
     rows = _select(rows, cfg.categories)

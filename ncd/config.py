@@ -35,13 +35,17 @@ class S3Config:
 class DataConfig:
     """Which dataset to catalog (``ncd.catalog``)."""
 
-    layout: str = "generic"  # generic | mvtec | mtd | manifest
+    layout: str = "generic"  # generic | mvtec | mtd | realiad | manifest
     root: str = ""  # images root (generic: <root>/<category>/<type>/...)
     maps: str = ""  # anomaly maps root, same relative layout as the images
     manifest: str = ""  # CSV or Parquet manifest (layout=manifest)
     categories: tuple[str, ...] = ()  # empty: every category found
     map_size_policy: str = "resize"  # resize (METHOD.md 2.6) | error
     max_aspect_mismatch: float = 0.02  # map vs image aspect ratio tolerance under "resize"
+    realiad_resolution: str = "1024"  # Real-IAD: realiad_<resolution>/ (256 | 512 | 1024 | raw)
+    realiad_jsons: str = "realiad_jsons"  # Real-IAD split JSON folder ("" reads the OK/NG folders)
+    splits: tuple[str, ...] = ("test",)  # Real-IAD JSON splits to include
+    views: tuple[str, ...] = ()  # Real-IAD camera views (C1..C5); empty: all
 
 
 @dataclass(frozen=True)

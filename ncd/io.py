@@ -62,16 +62,11 @@ class _S3Key:
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(key: _S3Key) -> pafs.S3FileSystem:
     kwargs: dict = {"connect_timeout": key.connect_timeout_s, "request_timeout": max(30.0, key.connect_timeout_s)}
-    endpoint = key.endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
-    scheme = key.scheme
-    if endpoint:
-        if "://" in endpoint:
-            scheme, endpoint = endpoint.split("://", 1)
-        kwargs["endpoint_override"] = endpoint
-        kwargs["scheme"] = scheme
-    region = key.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
-    if region:
-        kwargs["region"] = region
+    if key.endpoint_override:
+        kwargs["endpoint_override"] = key.endpoint_override
+        kwargs["scheme"] = key.scheme
+    if key.region:
+        kwargs["region"] = key.region
     if key.access_key:
         kwargs["access_key"] = key.access_key
         kwargs["secret_key"] = key.secret_key
@@ -79,13 +74,25 @@ def _s3_filesystem(key: _S3Key) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _s3_key(cfg: S3Config) -> _S3Key:
+    """The resolved S3 settings: ``cfg``, else the AWS environment variables.
+
+    Resolved on every call (cheap), so the filesystem cache never serves a filesystem
+    built for an endpoint or region the environment no longer names.
+    """
+    endpoint = cfg.endpoint_override or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    scheme = cfg.scheme
+    if "://" in endpoint:
+        scheme, endpoint = endpoint.split("://", 1)
+    endpoint = endpoint.rstrip("/")
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+    return _S3Key(endpoint, scheme, region, cfg.access_key, cfg.secret_key, cfg.connect_timeout_s)
+
+
 def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it."""
     if is_s3(uri):
-        cfg = s3 or S3Config()
-        fs = _s3_filesystem(_S3Key(cfg.endpoint_override, cfg.scheme, cfg.region, cfg.access_key,
-                                   cfg.secret_key, cfg.connect_timeout_s))
-        return fs, uri[len("s3://"):]
+        return _s3_filesystem(_s3_key(s3 or S3Config())), uri[len("s3://"):]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
@@ -93,9 +100,18 @@ def _wrap_errors(uri: str, err: Exception) -> Exception:
     if isinstance(err, FileNotFoundError):
         return FileNotFoundError(f"not found: {uri}")
     text = str(err)
-    if is_s3(uri) and any(s in text for s in ("connect", "Connection", "resolve", "timed out", "Timeout",
-                                                "curlCode", "Unable to", "endpoint")):
-        return StorageError(f"cannot reach S3 for {uri}: {text.strip().splitlines()[0]}")
+    if not is_s3(uri):
+        return err
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    if "NO_SUCH_BUCKET" in text:
+        return StorageError(f"S3 bucket {uri[len('s3://'):].split('/', 1)[0]!r} does not exist ({uri}): {first}")
+    if "ACCESS_DENIED" in text or "HTTP status 403" in text:
+        return StorageError(f"access denied to {uri} (check the S3 credentials): {first}")
+    if any(s in text for s in ("connect", "Connection", "resolve", "timed out", "Timeout",
+                               "curlCode", "Unable to", "endpoint")):
+        return StorageError(f"cannot reach S3 for {uri}: {first}")
+    if isinstance(err, OSError) and uri not in text:
+        return OSError(f"{uri}: {first}")
     return err
 
 

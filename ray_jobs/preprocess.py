@@ -38,7 +38,7 @@ def _stats_batch(batch: pd.DataFrame, s3) -> pd.DataFrame:
 def _regions_batch(batch: pd.DataFrame, ranges: dict[str, CategoryRange], cfg: ExperimentConfig) -> pa.Table:
     rows: list[dict[str, Any]] = []
     for r in batch.to_dict("records"):
-        rows.extend(process_image(r, ranges[r["category"]], cfg.mebin, cfg.crop, cfg.data, cfg.s3))
+        rows.extend(process_image(r, ranges[r["category"]], cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto))
     return pa.Table.from_pylist(rows, schema=REGION_SCHEMA)
 
 
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
+    from ray_jobs.cli import config_path
+
+    cfg = load_config(config_path(args.config), args.overrides)
     ray.init(address=args.address, ignore_reinit_error=True)
     print(run_preprocess(cfg))
 

@@ -12,6 +12,10 @@ Usage in a test (any test under ``tests/s3/``)::
 
     def test_y(s3_prefix, s3_config):             # a fresh s3:// prefix per test
         ...
+
+Tests elsewhere (e.g. ``tests/ray``) can use the server once these fixtures move to
+``tests/conftest.py``; ``s3_server.config`` is all ``ncd.io`` needs, so worker processes
+reach it through the experiment config (``cfg.s3``), not the environment.
 """
 from __future__ import annotations
 
@@ -125,25 +129,33 @@ def _stop(proc: subprocess.Popen) -> None:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server process on 127.0.0.1 with the bucket ``ncd-test``, for the session.
 
-    The AWS credential and region variables are set to the test values while it runs.
+    Its ``config`` carries the endpoint and credentials explicitly, so nothing depends on
+    the environment; ``aws_test_env`` sets the AWS variables for each test here.
     """
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("boto3") is None:
         pytest.skip("moto[server] and boto3 are needed for the S3 tests (pip install -e '.[dev]')")
     proc, url = _start_server(tmp_path_factory.mktemp("moto") / "server.log")
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in AWS_ENV.items():
-                mp.setenv(k, v)
-            server = S3Server(
-                endpoint_url=url,
-                config=S3Config(endpoint_override=url.split("://", 1)[1], scheme="http", region=REGION,
-                                access_key=ACCESS_KEY, secret_key=SECRET_KEY),
-                bucket=BUCKET,
-            )
-            server.client().create_bucket(Bucket=BUCKET)
-            yield server
+        server = S3Server(
+            endpoint_url=url,
+            config=S3Config(endpoint_override=url.split("://", 1)[1], scheme="http", region=REGION,
+                            access_key=ACCESS_KEY, secret_key=SECRET_KEY),
+            bucket=BUCKET,
+        )
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
     finally:
         _stop(proc)
+
+
+@pytest.fixture(autouse=True)
+def aws_test_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test credentials and region in the AWS variables for every test under ``tests/s3``
+    (restored after each test, so they never leak into other tests of the session)."""
+    for k, v in AWS_ENV.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture(scope="session")

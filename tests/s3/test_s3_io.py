@@ -1,8 +1,10 @@
 """ncd.io and the catalog against a real S3-compatible server on loopback (moto)."""
 from __future__ import annotations
 
+import importlib.util
 import socket
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from ncd import io
 from ncd.catalog import build_manifest
+from ncd.catalog_realiad import catalog_realiad
 from ncd.config import DataConfig, S3Config
 from ncd.io import StorageError
 
@@ -151,3 +154,17 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_realiad_catalog_on_s3_equals_local(tmp_path, s3_server, s3_prefix, s3_config):
+    spec = importlib.util.spec_from_file_location(
+        "_realiad_tree", Path(__file__).resolve().parents[1] / "unit" / "test_catalog_realiad.py")
+    tree = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tree)  # type: ignore[union-attr]
+    root, maps = tree.make_realiad(tmp_path / "Real-IAD")
+    local = catalog_realiad(str(root), str(maps), views=("C2",))
+    base = s3_prefix[len(f"s3://{s3_server.bucket}/"):]
+    s3_root = s3_server.upload_dir(root, f"{base}/Real-IAD")
+    remote = catalog_realiad(s3_root, io.join(s3_root, "maps"), s3_config, views=("C2",))
+    assert len(remote) == len(local) == 6
+    assert _relative(remote, s3_root) == _relative(local, str(root))
