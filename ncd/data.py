@@ -7,7 +7,7 @@ labelled; without a base set every sample is unlabelled and the labelled terms d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import cv2
@@ -30,6 +30,7 @@ class RegionSet:
     labels: np.ndarray  # (N,) int64
     scores: np.ndarray  # (N,) float32, crop scores in [0,1] (1 for labelled rows)
     region_ids: list[str]
+    guide_png: list[list[bytes]] = field(default_factory=list)  # extra mask channels (anomaly, object)
 
     def __len__(self) -> int:
         return len(self.region_ids)
@@ -39,11 +40,17 @@ class RegionSet:
         return self.labels >= 0
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image (3,H,W) uint8 and mask (1,H,W) float in [0,1] of row ``i``."""
+        """Image (3,H,W) uint8 and masks (1+G,H,W) float in [0,1] of row ``i``: the region mask,
+        then one channel per ``guide_png`` column (anomaly map, object mask)."""
         img = cv2.imdecode(np.frombuffer(self.crop_png[i], np.uint8), cv2.IMREAD_COLOR)
-        mask = cv2.imdecode(np.frombuffer(self.mask_png[i], np.uint8), cv2.IMREAD_GRAYSCALE)
+        region = cv2.imdecode(np.frombuffer(self.mask_png[i], np.uint8), cv2.IMREAD_GRAYSCALE)
+        masks = [region]
+        for c, g in enumerate(self.guide_png):  # a row without the channel: region mask, then all-object
+            masks.append(cv2.imdecode(np.frombuffer(g[i], np.uint8), cv2.IMREAD_GRAYSCALE) if g[i]
+                          else (region if c == 0 else np.full_like(region, 255)))
+        masks = np.stack(masks)
         img = torch.from_numpy(np.ascontiguousarray(img[..., ::-1])).permute(2, 0, 1)
-        return img, torch.from_numpy(mask)[None].float() / 255.0
+        return img, torch.from_numpy(masks).float() / 255.0
 
 
 def base_classes(base: pa.Table | None) -> list[str]:
@@ -51,29 +58,41 @@ def base_classes(base: pa.Table | None) -> list[str]:
     return [] if base is None else sorted(set(base.column("gt_type").to_pylist()))
 
 
-def build_training_set(novel: pa.Table, base: pa.Table | None = None) -> RegionSet:
-    """Labelled base rows (labels 0..L-1) followed by unlabelled novel rows."""
+def _guides(table: pa.Table, columns: tuple[str, ...]) -> list[list[bytes]]:
+    return [table.column(c).to_pylist() if c in table.column_names else [b""] * table.num_rows for c in columns]
+
+
+def build_training_set(novel: pa.Table, base: pa.Table | None = None,
+                       guide_columns: tuple[str, ...] = ()) -> RegionSet:
+    """Labelled base rows (labels 0..L-1) followed by unlabelled novel rows.
+
+    ``guide_columns`` (e.g. ``("anomaly_png", "object_png")``) become extra mask channels.
+    """
     classes = base_classes(base)
     parts = [(base, True), (novel, False)] if base is not None else [(novel, False)]
     crops, masks, labels, scores, ids = [], [], [], [], []
+    guides: list[list[bytes]] = [[] for _ in guide_columns]
     for table, is_base in parts:
         crops += table.column("crop_png").to_pylist()
         masks += table.column("mask_png").to_pylist()
         ids += table.column("region_id").to_pylist()
+        for g, column in zip(guides, _guides(table, guide_columns)):
+            g += column
         if is_base:
             labels += [classes.index(t) for t in table.column("gt_type").to_pylist()]
             scores += [1.0] * table.num_rows
         else:
             labels += [UNLABELLED] * table.num_rows
             scores += table.column("score").to_pylist()
-    return RegionSet(crops, masks, np.asarray(labels, np.int64), np.asarray(scores, np.float32), ids)
+    return RegionSet(crops, masks, np.asarray(labels, np.int64), np.asarray(scores, np.float32), ids, guides)
 
 
-def eval_set(table: pa.Table) -> RegionSet:
-    """Rows for inference and feature extraction (needs only ``region_id``, ``crop_png``, ``mask_png``)."""
+def eval_set(table: pa.Table, guide_columns: tuple[str, ...] = ()) -> RegionSet:
+    """Rows for inference and feature extraction (needs ``region_id``, ``crop_png``, ``mask_png``)."""
     n = table.num_rows
     return RegionSet(table.column("crop_png").to_pylist(), table.column("mask_png").to_pylist(),
-                     np.full(n, UNLABELLED, np.int64), np.zeros(n, np.float32), table.column("region_id").to_pylist())
+                     np.full(n, UNLABELLED, np.int64), np.zeros(n, np.float32), table.column("region_id").to_pylist(),
+                     _guides(table, guide_columns))
 
 
 class TwoViewDataset(Dataset):

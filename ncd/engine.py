@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 from ncd import dist, io
 from ncd.augment import ViewSpec
 from ncd.cluster.kmeans import kmeans
-from ncd.config import ExperimentConfig, LossConfig, S3Config, to_dict
+from ncd.config import ExperimentConfig, S3Config, to_dict
 from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
 from ncd.infer import autocast, forward_regions
-from ncd.losses.criterion import ncd_criterion
 from ncd.model.heads import select_head
-from ncd.model.ncd_model import NCDModel, build_ncd_model
-from ncd.schedules import cosine_lr, teacher_temperature_schedule
+from ncd.method import Objective, build_model, guide_columns, make_objective
+from ncd.model.ncd_model import NCDModel
+from ncd.schedules import cosine_lr
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -128,7 +128,8 @@ def init_prototypes_from_kmeans(model: NCDModel, novel: pa.Table, k: int, cfg: E
 
     Each head gets its own k-means seed, so heads still start from different partitions.
     """
-    out = forward_regions(model, eval_set(novel), view_spec(cfg), cfg.train.batch_size, device, cfg.train.amp)
+    out = forward_regions(model, eval_set(novel, guide_columns(cfg)), view_spec(cfg), cfg.train.batch_size, device,
+                          cfg.train.amp)
     feats = out.feat / np.maximum(np.linalg.norm(out.feat, axis=1, keepdims=True), 1e-12)
     heads = model.heads
     cents = [kmeans(feats.astype(np.float32), k, seed=cfg.train.seed + h, spherical=True).centroids
@@ -142,18 +143,16 @@ def _gather_ok(ok: bool, device: torch.device) -> bool:
     return bool(dist.all_reduce_sum(flag).item() >= dist.world_size())
 
 
-def train_step(net: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, *, num_base: int,
-               teacher_temp: float, loss_cfg: LossConfig, device: torch.device, amp: bool = False,
+def train_step(net: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               objective: Objective, epoch: int, *, device: torch.device, amp: bool = False,
                gather: bool = False) -> dict[str, torch.Tensor]:
     """One optimiser step on a collated two-view batch (``images`` (B,2,3,S,S), ``masks``
-    (B,2,1,S,S), ``label`` (B,) with -1 for unlabelled, ``score`` (B,)); returns the loss parts."""
+    (B,2,c,S,S), ``label`` (B,) with -1 for unlabelled, ``score`` (B,)); returns the loss parts."""
     images = torch.cat([batch["images"][:, 0], batch["images"][:, 1]]).to(device, non_blocking=True)
     masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]]).to(device, non_blocking=True)
     with autocast(device, amp):
         out = net(images, masks)
-    labels = batch["label"]
-    parts = ncd_criterion([z.float() for z in out["logits"]], out["proj"].float(), labels, labels >= 0,
-                          batch["score"], num_base=num_base, teacher_temp=teacher_temp, cfg=loss_cfg, gather=gather)
+    parts = objective(out, batch, epoch, gather)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
     optimizer.step()
@@ -168,9 +167,9 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     k = num_novel_classes(novel, tc.num_novel)
     class_map = {"base_classes": classes, "num_base": len(classes), "num_novel": k,
                  "categories": sorted(set(novel.column("category").to_pylist()))}
-    model = build_ncd_model(cfg.model, len(classes), k, cfg.s3)
-    temps = teacher_temperature_schedule(tc.epochs, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-                                         cfg.loss.warmup_teacher_temp_epochs, cfg.loss.repeat_times)
+    model = build_model(cfg, len(classes), k)
+    objective = make_objective(cfg, len(classes))
+    temps = objective.teacher_temps
     resume = ctx.latest_checkpoint()
     if resume is None and tc.kmeans_init:
         init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
@@ -184,7 +183,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         log.info("resumed from epoch %d", resume["epoch"])
     net = ctx.prepare_model(model)
 
-    regions = build_training_set(novel, base)
+    regions = build_training_set(novel, base, guide_columns(cfg))
     dataset = TwoViewDataset(regions, view_spec(cfg), seed=tc.seed)
     sampler = HalfHalfSampler(regions.labelled, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
@@ -211,8 +210,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
             if not ok:
                 skipped += 1
                 continue
-            parts = train_step(net, batch, optimizer, num_base=len(classes), teacher_temp=temps[epoch],
-                               loss_cfg=cfg.loss, device=ctx.device, amp=tc.amp, gather=gather)
+            parts = train_step(net, batch, optimizer, objective, epoch, device=ctx.device, amp=tc.amp, gather=gather)
             steps += 1
             for name, value in parts.items():
                 if name != "cluster_per_head" and value.numel() == 1:

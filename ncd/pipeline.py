@@ -50,7 +50,7 @@ def device() -> torch.device:
 
 
 def local_preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
-    table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3)
+    table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, proto=cfg.proto)
     write_regions(table, cfg.preprocess.output, cfg.s3)
     return table
 

@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from ncd import io
-from ncd.config import CropConfig, DataConfig, MebinConfig, S3Config
+from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
 from ncd.crops import crop_regions, mask_to_image_size, score_map_to_image_size
 from ncd.io import DataError
 from ncd.mebin import binarize, normalize, search_range
+from ncd.proto.object_prior import crop_anomaly_map, crop_object_mask, object_mask
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ REGION_SCHEMA = pa.schema([
     ("gt_type", pa.string()),
     ("crop_png", pa.binary()),
     ("mask_png", pa.binary()),
+    ("anomaly_png", pa.binary()),  # normalised anomaly map in the box, 8-bit (ProtoAnomalyNCD guidance)
+    ("object_png", pa.binary()),  # object prior in the box (empty without one)
     ("box", pa.list_(pa.int32(), 4)),
     ("area", pa.int64()),
     ("score", pa.float64()),
@@ -115,11 +118,14 @@ def _check_sizes(image: np.ndarray, amap: np.ndarray, row: Mapping[str, Any], da
                         f"differ in aspect ratio; they cannot be the same view")
 
 def process_image(row: Mapping[str, Any], rng: CategoryRange, mebin: MebinConfig, crop: CropConfig,
-                  data: DataConfig, s3: S3Config | None = None) -> list[dict[str, Any]]:
+                  data: DataConfig, s3: S3Config | None = None,
+                  proto: ProtoConfig | None = None) -> list[dict[str, Any]]:
     """Pass 2 for one manifest row: MEBin on its map, then its region rows.
 
     The map is binarised at its own resolution; mask and normalised map are resized to
-    the image (nearest / bicubic, METHOD.md 2.6 and 3.4) before cropping.
+    the image (nearest / bicubic, METHOD.md 2.6 and 3.4) before cropping. Each region
+    also keeps the normalised map in its box and, when ``proto`` names an object prior,
+    the object mask in its box.
     """
     image = io.read_image(row["image_uri"], s3)
     amap = map_as_uint8(io.read_map(row["map_uri"], s3), rng)
@@ -129,12 +135,18 @@ def process_image(row: Mapping[str, Any], rng: CategoryRange, mebin: MebinConfig
     mask = mask_to_image_size(result.mask, shape)
     score_map = score_map_to_image_size(normalize(amap, rng.min_th, rng.max_th), shape)
     regions = crop_regions(image, mask, score_map, result.count, crop)
+    objects = None
+    if proto is not None and proto.object_prior != "none":
+        objects = object_mask(row, image, proto, s3)
     rows = []
     for i, r in enumerate(regions):
         rows.append(dict(
             region_id=f"{row['image_id']}_crop{i}", image_id=row["image_id"], region_index=i,
             category=row["category"], gt_type=row.get("gt_type") or "",
-            crop_png=io.encode_png(r.crop), mask_png=io.encode_png(r.mask), box=list(map(int, r.box)),
+            crop_png=io.encode_png(r.crop), mask_png=io.encode_png(r.mask),
+            anomaly_png=io.encode_png(crop_anomaly_map(score_map, r.box)),
+            object_png=io.encode_png(crop_object_mask(objects, r.box)) if objects is not None else b"",
+            box=list(map(int, r.box)),
             area=int(r.area), score=float(r.score), est_count=int(result.count), threshold=int(result.threshold),
             image_uri=row["image_uri"], map_uri=row["map_uri"],
         ))
@@ -155,7 +167,8 @@ def check_categories(manifest: pa.Table) -> None:
 
 def preprocess_manifest(manifest: pa.Table, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
                         s3: S3Config | None = None,
-                        progress: Callable[[str, int, int], None] | None = None) -> pa.Table:
+                        progress: Callable[[str, int, int], None] | None = None,
+                        proto: ProtoConfig | None = None) -> pa.Table:
     """Both passes in this process; returns the region table."""
     check_categories(manifest)
     rows = manifest.to_pylist()
@@ -167,7 +180,7 @@ def preprocess_manifest(manifest: pa.Table, mebin: MebinConfig, crop: CropConfig
     ranges = category_ranges(stats, mebin)
     out: list[dict[str, Any]] = []
     for i, r in enumerate(rows):
-        out.extend(process_image(r, ranges[r["category"]], mebin, crop, data, s3))
+        out.extend(process_image(r, ranges[r["category"]], mebin, crop, data, s3, proto))
         if progress:
             progress("regions", i + 1, len(rows))
     return regions_table(out)

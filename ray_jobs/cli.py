@@ -87,7 +87,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         manifest = build_manifest(cfg.data, cfg.s3)
-        table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, progress=Progress())
+        table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, progress=Progress(),
+                                    proto=cfg.proto)
         out = write_regions(table, cfg.preprocess.output, cfg.s3)
         print(f"{manifest.num_rows} images -> {table.num_rows} regions in {time.perf_counter() - t0:.1f}s -> {out}")
         return 0
