@@ -32,6 +32,7 @@ from ncd.config import apply_overrides, load_config  # noqa: E402
 from ncd.data import HalfHalfSampler, TwoViewDataset, build_training_set  # noqa: E402
 from ncd.engine import parameter_groups, train_step, view_spec  # noqa: E402
 from ncd.infer import autocast  # noqa: E402
+from ncd.method import make_objective  # noqa: E402
 from ncd.model.ncd_model import build_ncd_model  # noqa: E402
 from ncd.preprocess import preprocess_manifest  # noqa: E402
 from ncd.synthetic import BASE_SPEC, SyntheticSpec, write_base_set, write_dataset  # noqa: E402
@@ -79,9 +80,10 @@ def main() -> None:
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=1e-4, momentum=0.9)
     images = torch.cat([collated["images"][:, 0], collated["images"][:, 1]]).to(device)
 
+    objective = make_objective(cfg, 4)
+
     def full() -> None:
-        train_step(model, collated, optimizer, num_base=4, teacher_temp=0.07, loss_cfg=cfg.loss, device=device,
-                   amp=cuda)
+        train_step(model, collated, optimizer, objective, 0, device=device, amp=cuda)
 
     def bare() -> None:
         with autocast(device, cuda):

@@ -25,7 +25,7 @@ from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
-from ncd.model.ncd_model import build_ncd_model
+from ncd.method import build_model, guide_columns
 from ncd.predict import (TrainedModel, head_probabilities, image_predictions, region_predictions,
                          save_model)
 from ncd.preprocess import preprocess_manifest, read_regions, write_regions
@@ -62,7 +62,7 @@ def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None)
 
 def local_infer(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
     cfg = trained.cfg
-    return forward_regions(trained.model, eval_set(regions), view_spec(cfg), cfg.infer.batch_size,
+    return forward_regions(trained.model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size,
                            next(trained.model.parameters()).device, cfg.train.amp)
 
 
@@ -86,8 +86,8 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
 
 def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
     """Mask-guided CLS features of the pretrained backbone (before any training)."""
-    model = build_ncd_model(cfg.model, 0, 1, cfg.s3).to(device())
-    return forward_regions(model, eval_set(regions), view_spec(cfg), cfg.infer.batch_size, device(),
+    model = build_model(cfg, 0, 1).to(device())
+    return forward_regions(model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size, device(),
                            cfg.train.amp).feat
 
 

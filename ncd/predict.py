@@ -20,7 +20,8 @@ import torch
 from ncd import io
 from ncd.config import ExperimentConfig, S3Config, from_dict, to_dict
 from ncd.merge import merge_regions, novel_probs
-from ncd.model.ncd_model import NCDModel, build_ncd_model
+from ncd.method import build_model
+from ncd.model.ncd_model import NCDModel
 
 log = logging.getLogger(__name__)
 UNKNOWN = -1
@@ -119,7 +120,8 @@ def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") 
         level = backbone_log.level
         backbone_log.setLevel(logging.ERROR)
         try:
-            model = build_ncd_model(replace(cfg.model, weights="random"), cm["num_base"], cm["num_novel"])
+            model = build_model(replace(cfg, model=replace(cfg.model, weights="random")), cm["num_base"],
+                                cm["num_novel"])
         finally:
             backbone_log.setLevel(level)
     model.load_state_dict(state["model"])

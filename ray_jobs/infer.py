@@ -21,6 +21,7 @@ from ncd import io
 from ncd.config import S3Config
 from ncd.data import eval_set
 from ncd.engine import view_spec
+from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state
 
@@ -37,7 +38,8 @@ class RegionPredictor:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.trained.cfg
-        out = forward_regions(self.trained.model, eval_set(batch), view_spec(cfg), cfg.infer.batch_size,
+        out = forward_regions(self.trained.model, eval_set(batch, guide_columns(cfg)), view_spec(cfg),
+                              cfg.infer.batch_size,
                               self.device, cfg.train.amp)
         result = {"row": batch.column("row").to_numpy(), "feat": out.feat}
         for h, z in enumerate(out.logits):
@@ -49,7 +51,8 @@ def run_inference(trained: TrainedModel, regions: pa.Table, num_actors: int = 1,
                   batch_size: int = 64) -> RegionOutputs:
     """Features and per-head logits of every region, in table order, computed by actors."""
     state_ref = ray.put(model_state(trained))
-    table = regions.select(["region_id", "crop_png", "mask_png"]).append_column("row", pa.array(np.arange(regions.num_rows)))
+    columns = ["region_id", "crop_png", "mask_png", *guide_columns(trained.cfg)]
+    table = regions.select(columns).append_column("row", pa.array(np.arange(regions.num_rows)))
     ds = ray.data.from_arrow(table).repartition(max(1, min(regions.num_rows // batch_size, 4 * num_actors)))
     out = ds.map_batches(RegionPredictor, fn_constructor_kwargs={"state": state_ref}, batch_size=batch_size,
                          batch_format="pyarrow", concurrency=num_actors, num_gpus=1 if use_gpu else 0,
