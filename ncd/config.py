@@ -339,3 +339,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def dump_config(cfg: ExperimentConfig) -> str:
     """YAML text of ``cfg``."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+PATH_KEYS = ("output", "data.root", "data.maps", "data.manifest", "preprocess.output", "train.base_table",
+             "proto.object_masks")
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with local relative paths made absolute (Ray workers run in other folders)."""
+    import os
+
+    sets = []
+    for key in PATH_KEYS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value and "://" not in value and value != "synthetic" and not os.path.isabs(value):
+            sets.append(f"{key}={os.path.abspath(value)}")
+    return apply_overrides(cfg, sets)

@@ -19,7 +19,7 @@ import torch
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import ExperimentConfig, apply_overrides, to_dict
+from ncd.config import ExperimentConfig, absolute_paths, apply_overrides, to_dict
 from ncd.data import eval_set
 from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown
@@ -132,6 +132,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 
     ``manifest`` replaces the catalog stage (a benchmark's chosen split, say).
     """
+    cfg = absolute_paths(cfg)
     out, s3 = cfg.output, cfg.s3
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()

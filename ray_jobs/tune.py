@@ -26,7 +26,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ncd import io
-from ncd.config import ExperimentConfig, apply_overrides, dump_config, from_dict, load_config, to_dict
+from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
+                        to_dict)
 from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
 from ncd.k_estimation import cosine_silhouette, l2_normalise
 from ncd.metrics import cluster_metrics
@@ -123,6 +124,9 @@ def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None =
     metric = cfg.tune.metric
     if metric not in MODES:
         raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)}")
+    cfg = absolute_paths(cfg)
+    if not io.is_s3(regions_uri):
+        regions_uri = os.path.abspath(regions_uri)
     storage = storage_path or io.join(cfg.output, "tune")
     if not io.is_s3(storage):
         storage = os.path.abspath(storage)
