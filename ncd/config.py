@@ -123,7 +123,8 @@ class TrainConfig:
     eta_min_ratio: float = 1e-3
     seed: int = 3407
     loader_workers: int = 2
-    num_novel: int = 0  # K; 0 means the number of ground-truth types
+    num_novel: int = 0  # K; 0: the number of ground-truth types; -1: estimated
+    per_category: bool = True  # one model per category (the paper); false: one model for all
     base_table: str = ""  # labelled base region table; "" trains without labelled terms
     kmeans_init: bool = False  # FAISS k-means prototype init (off in parity)
     checkpoint_every: int = 10

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from ncd import io
@@ -91,6 +92,15 @@ def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
                            cfg.train.amp).feat
 
 
+def category_groups(cfg: ExperimentConfig, regions: pa.Table) -> list[tuple[str, pa.Table]]:
+    """One model per category (``train.per_category``, as the paper) or one for all."""
+    categories = sorted(set(regions.column("category").to_pylist()))
+    if not cfg.train.per_category or len(categories) == 1:
+        return [(categories[0] if len(categories) == 1 else "all", regions)]
+    column = regions.column("category")
+    return [(c, regions.filter(pc.equal(column, c))) for c in categories]
+
+
 def true_k(regions: pa.Table) -> int:
     return len({t for t in regions.column("gt_type").to_pylist() if t})
 
@@ -158,36 +168,50 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
     progress(f"      {manifest.num_rows} images -> {regions.num_rows} regions")
 
-    done = stage(3, "base set and K")
+    done = stage(3, "base set")
     base = base_set(cfg, stages)
-    cfg, k_est = choose_k(cfg, regions)
     done()
 
-    done = stage(4, "train")
-    trained = stages.train(cfg, regions, base)
-    done()
-
-    done = stage(5, "infer")
-    outputs = stages.infer(trained, regions)
-    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], cfg.loss.student_temp)
-    region_pred = region_predictions(regions, probs, cfg.infer.unknown_threshold)
-    image_pred, _ = image_predictions(regions, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)
+    groups = category_groups(cfg, regions)
+    parts, feats, region_preds, image_preds, k_infos, heads = [], [], [], [], {}, {}
+    for g, (name, part) in enumerate(groups):
+        label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
+        done = stage(4, "train" + label)
+        part_cfg, k_est = choose_k(cfg, part)
+        if len(groups) > 1:
+            part_cfg = apply_overrides(part_cfg, [f"data.categories={name}",
+                                                  f"output={io.join(out, 'models', name)}"])
+        trained = stages.train(part_cfg, part, base)
+        done()
+        done = stage(5, "infer" + label)
+        outputs = stages.infer(trained, part)
+        probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"],
+                                   part_cfg.loss.student_temp)
+        region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
+        image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
+        save_model(trained, io.join(out, "model.pt") if len(groups) == 1 else io.join(out, "models", f"{name}.pt"), s3)
+        parts.append(part)
+        feats.append(outputs.feat)
+        heads[name] = trained.head
+        k_infos[name] = {"k": part_cfg.train.num_novel, "k_true": true_k(part) or None,
+                         "k_estimated": k_est.k if k_est else None, "criterion": k_est.criterion if k_est else None,
+                         "scores": k_est.scores if k_est else None}
+        done()
+    regions = pa.concat_tables(parts)
+    region_pred, image_pred = pa.concat_tables(region_preds), pa.concat_tables(image_preds)
+    features = np.concatenate(feats)
     write_predictions(out, "region_predictions", region_pred, s3)
     write_predictions(out, "image_predictions", image_pred, s3)
-    save_model(trained, io.join(out, "model.pt"), s3)
-    io.write_bytes(io.join(out, "region_features.npy"), npy_bytes(outputs.feat), s3)
-    done()
+    io.write_bytes(io.join(out, "region_features.npy"), npy_bytes(features), s3)
+    k_info = k_infos[groups[0][0]] if len(groups) == 1 else {"per_category": k_infos}
 
     done = stage(6, "evaluate")
     metrics = evaluate_tables(region_pred, image_pred)
-    k_info = {"k": cfg.train.num_novel, "k_true": true_k(regions) or None,
-              "k_estimate": k_est.k if k_est else None,
-              "scores": {str(k): v for k, v in k_est.scores.items()} if k_est else None}
     try:
         from ncd.report import write_report
 
         write_report(out, image_predictions=image_pred, region_predictions=region_pred, regions=regions,
-                     features=outputs.feat, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3)
+                     features=features, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3)
     except ImportError:  # pragma: no cover - the report module is optional in stripped installs
         io.write_bytes(io.join(out, "report.md"), (metrics_markdown(metrics["image"]) if metrics else "").encode(), s3)
     if metrics:
@@ -195,7 +219,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
     seconds["total"] = round(time.perf_counter() - t_all, 2)
     summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
-               "selected_head": trained.head, "metrics": metrics, "seconds": seconds,
+               "selected_head": heads, "metrics": metrics, "seconds": seconds,
                "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": to_dict(cfg)}
     io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
     return summary
@@ -203,9 +227,11 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 
 def summary_text(summary: dict[str, Any]) -> str:
     """What a person reads at the end of ``ncd discover``."""
-    lines = [f"ncd discover: {summary['images']} images, {summary['regions']} regions, K = {summary['k']['k']}"
-             + (f" (estimate {summary['k']['k_estimate']}, truth {summary['k']['k_true']})"
-                if summary["k"]["k_estimate"] is not None else "")]
+    infos = summary["k"].get("per_category") or {"": summary["k"]}
+    ks = ", ".join(f"{name + ': ' if name else ''}K = {i['k']}"
+                   + (f" (estimate {i['k_estimated']}, truth {i['k_true']})" if i["k_estimated"] is not None else "")
+                   for name, i in infos.items())
+    lines = [f"ncd discover: {summary['images']} images, {summary['regions']} regions, {ks}"]
     if summary["metrics"]:
         for level in ("image", "region"):
             m = summary["metrics"][level]["mean"]

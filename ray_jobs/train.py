@@ -16,6 +16,8 @@ import os
 import tempfile
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import ray.train.torch
@@ -64,6 +66,8 @@ def train_worker(config: dict[str, Any]) -> None:
     """Per-worker function: read the region tables, run the shared loop."""
     cfg = from_dict(ExperimentConfig, config["cfg"])
     novel = read_regions(config["regions"], cfg.s3)
+    if cfg.data.categories:  # one category's model (discover with train.per_category)
+        novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
     base = read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None
     train(cfg, novel, base, RayTrainContext())
 

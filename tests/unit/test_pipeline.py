@@ -13,7 +13,7 @@ def test_discover_single_process(demo_root, tmp_path):
                                                       f"preprocess.output={tmp_path}", "train.epochs=2"])
     summary = discover(cfg)
     for name in ("manifest.parquet", "regions", "image_predictions.parquet", "image_predictions.csv",
-                 "region_predictions.parquet", "model.pt", "report.md", "metrics.json", "summary.json"):
+                 "region_predictions.parquet", "report.md", "metrics.json", "summary.json"):
         assert (tmp_path / name).exists(), name
     images = read_table(str(tmp_path / "image_predictions.parquet"))
     assert images.num_rows == summary["images"]
@@ -22,4 +22,6 @@ def test_discover_single_process(demo_root, tmp_path):
     chance = np.mean([normalized_mutual_info_score(truth, rng.permutation(pred)) for _ in range(20)])
     nmi = summary["metrics"]["image"]["mean"]["nmi"]
     assert nmi > chance + 0.05, (nmi, chance)
-    assert json.loads((tmp_path / "summary.json").read_text())["k"]["k"] == 6
+    per_category = json.loads((tmp_path / "summary.json").read_text())["k"]["per_category"]
+    assert {c: i["k"] for c, i in per_category.items()} == {"fabric": 6, "plate": 6}  # one model per category
+    assert (tmp_path / "models" / "plate.pt").exists() and (tmp_path / "models" / "fabric.pt").exists()
