@@ -76,6 +76,8 @@ def main() -> None:
     loader_samples_per_s = 3 * batch / (time.perf_counter() - t0)
     collated = next(b for b in batches if (b["label"] >= 0).any() and (b["label"] < 0).any())
 
+    # as a prefetching loader delivers it: images and masks already on the device for both arms
+    collated = {k: v.to(device) if k in ("images", "masks") else v for k, v in collated.items()}
     model = build_ncd_model(cfg.model, 4, 6).to(device)
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=1e-4, momentum=0.9)
     images = torch.cat([collated["images"][:, 0], collated["images"][:, 1]]).to(device)

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 
 from ncd import dist, io
 from ncd.augment import ViewSpec
-from ncd.cluster.kmeans import kmeans
 from ncd.config import ExperimentConfig, S3Config, to_dict
 from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
 from ncd.infer import autocast, forward_regions
@@ -128,6 +127,7 @@ def init_prototypes_from_kmeans(model: NCDModel, novel: pa.Table, k: int, cfg: E
 
     Each head gets its own k-means seed, so heads still start from different partitions.
     """
+    from ncd.cluster.kmeans import kmeans  # FAISS is loaded only when needed
     out = forward_regions(model, eval_set(novel, guide_columns(cfg)), view_spec(cfg), cfg.train.batch_size, device,
                           cfg.train.amp)
     feats = out.feat / np.maximum(np.linalg.norm(out.feat, axis=1, keepdims=True), 1e-12)
@@ -148,8 +148,9 @@ def train_step(net: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.
                gather: bool = False) -> dict[str, torch.Tensor]:
     """One optimiser step on a collated two-view batch (``images`` (B,2,3,S,S), ``masks``
     (B,2,c,S,S), ``label`` (B,) with -1 for unlabelled, ``score`` (B,)); returns the loss parts."""
-    images = torch.cat([batch["images"][:, 0], batch["images"][:, 1]]).to(device, non_blocking=True)
-    masks = torch.cat([batch["masks"][:, 0], batch["masks"][:, 1]]).to(device, non_blocking=True)
+    # (B,2,...) -> (2B,...) view-major (rows i and i+B are the two views of sample i), on the device
+    images = batch["images"].to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)
+    masks = batch["masks"].to(device, non_blocking=True).transpose(0, 1).flatten(0, 1)
     with autocast(device, amp):
         out = net(images, masks)
     parts = objective(out, batch, epoch, gather)
@@ -187,7 +188,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     dataset = TwoViewDataset(regions, view_spec(cfg), seed=tc.seed)
     sampler = HalfHalfSampler(regions.labelled, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
-                        num_workers=tc.loader_workers, drop_last=False, persistent_workers=tc.loader_workers > 0)
+                        num_workers=tc.loader_workers, drop_last=False, persistent_workers=tc.loader_workers > 0,
+                        pin_memory=ctx.device.type == "cuda")
     need_both = base is not None
     head_losses = [math.nan] * cfg.model.n_head
     gather = ctx.world_size > 1
