@@ -16,6 +16,7 @@ from ncd.config import LossConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
+from ncd.losses.rows import per_row, split_rows
 from ncd.losses.self_distillation import self_distillation
 from ncd.losses.supcon import supcon
 from ncd.losses.supervised_ce import supervised_ce
@@ -72,13 +73,11 @@ def ncd_criterion(
         )
     lam = cfg.sup_weight
     device = proj.device
-    labelled = labelled.to(device=device, dtype=torch.bool)
-    rows_lab = labelled.repeat(2)
-    rows_unl = ~rows_lab
-    n_lab_local = int(labelled.sum().item())
+    split = split_rows(labelled, device)
+    n_lab_local = split.n_lab
     n_lab = ncd_dist.global_count(n_lab_local, device) if gather else n_lab_local
     n_unl = ncd_dist.global_count(b - n_lab_local, device) if gather else b - n_lab_local
-    nan = torch.tensor(math.nan, device=device)
+    nan = torch.full((), math.nan, device=device)
     n_head = len(logits)
 
     nce = info_nce(proj, cfg.infonce_temp, gather)
@@ -86,20 +85,22 @@ def ncd_criterion(
     parts: dict[str, Tensor] = {"infonce": nce.detach()}
 
     if n_lab > 0:
-        labels_rows = labels.to(device).long().repeat(2)[rows_lab]
-        cls = torch.stack([supervised_ce(z[rows_lab], labels_rows, cfg.student_temp, gather) for z in logits]).mean()
-        proj_lab = torch.stack([proj[:b][labelled], proj[b:][labelled]], dim=1)
-        sc = supcon(proj_lab, labels.to(device)[labelled], cfg.supcon_temp, cfg.supcon_temp, gather)
+        labels_rows = per_row(labels.long(), split, device, labelled_rows=True)
+        cls = torch.stack([supervised_ce(z.index_select(0, split.lab_rows), labels_rows, cfg.student_temp, gather)
+                           for z in logits]).mean()
+        proj_lab = torch.stack([proj[:b].index_select(0, split.lab_samples),
+                                proj[b:].index_select(0, split.lab_samples)], dim=1)
+        sc = supcon(proj_lab, labels_rows[: split.n_lab], cfg.supcon_temp, cfg.supcon_temp, gather)
         loss = loss + lam * cls + lam * sc
         parts["cls"], parts["supcon"] = cls.detach(), sc.detach()
     else:
         parts["cls"], parts["supcon"] = nan, nan
 
     if n_unl > 0:
-        scores_rows = scores.to(device).float().repeat(2)[rows_unl]
+        scores_rows = per_row(scores.float(), split, device, labelled_rows=False)
         distill, memax = [], []
         for z in logits:
-            z_unl = z[rows_unl]
+            z_unl = z.index_select(0, split.unl_rows)
             targets = corrected_targets(z_unl, num_base, teacher_temp, scores_rows, cfg.anomaly_thred)
             distill.append(self_distillation(z_unl, targets, cfg.student_temp, gather))
             memax.append(mean_entropy(z_unl, cfg.student_temp, gather))
