@@ -220,7 +220,7 @@ def pil_round(box: Box) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def _padded_crop(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+def padded_crop(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """``array[y0:y1, x0:x1]`` with zeros where the box leaves the array."""
     x0, y0, x1, y1 = box
     height, width = array.shape[:2]
@@ -249,11 +249,11 @@ def crop_regions(
     regions = []
     for box in crop_boxes(binary, est, cfg):
         ibox = pil_round(box)
-        crop_mask = _padded_crop(binary, ibox)
-        score = float(_padded_crop(score_map, ibox).max(initial=0.0)) / SCORE_SCALE
+        crop_mask = padded_crop(binary, ibox)
+        score = float(padded_crop(score_map, ibox).max(initial=0.0)) / SCORE_SCALE
         regions.append(
             Region(
-                crop=_padded_crop(image, ibox),
+                crop=padded_crop(image, ibox),
                 mask=crop_mask,
                 box=ibox,
                 area=int(np.count_nonzero(crop_mask)),

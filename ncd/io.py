@@ -40,6 +40,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """``uri`` unchanged for S3, made absolute for a local path (Ray workers run elsewhere)."""
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI or path components with '/'."""
     out = base.rstrip("/")
@@ -278,6 +283,21 @@ def read_table(uri: str, s3: S3Config | None = None) -> pa.Table:
         raise
     except (OSError, pa.ArrowException) as err:
         raise _wrap_errors(uri, err) from None
+
+
+def upload_dir(local_dir: str, dest: str, s3: S3Config | None = None) -> None:
+    """Copy every file under the local directory ``local_dir`` to ``dest`` (local or
+    ``s3://``), keeping relative paths; files already under ``dest`` are overwritten.
+
+    Not atomic as a whole (each S3 object is, as in ``write_bytes``): for staging inputs
+    such as a generated dataset, not for tables readers may be reading.
+    """
+    dst_fs, dst = filesystem(dest, s3)
+    try:
+        pafs.copy_files(os.path.abspath(local_dir), dst, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=dst_fs)
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(dest, err) from None
 
 
 def delete_dir(uri: str, s3: S3Config | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io as _io
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -71,7 +72,14 @@ LOCAL_STAGES = Stages(local_preprocess, local_train, local_infer)
 
 
 def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
-    """The labelled base region table: a table URI, ncd's synthetic families, or none."""
+    """The labelled base region table: a table URI, ncd's synthetic families, or none.
+
+    The synthetic base set's images and maps are written to ``<output>/base_data`` and its
+    regions to ``<output>/base``, beside the run's other outputs. For an ``s3://`` output
+    the images are generated in a local temporary directory (removed afterwards) and
+    uploaded there, so the run leaves nothing on the local disk and Ray workers on any
+    node can read them.
+    """
     if not cfg.train.base_table:
         return None
     if cfg.train.base_table != SYNTHETIC_BASE:
@@ -79,7 +87,12 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
     from ncd.synthetic import write_base_set
 
     root = io.join(cfg.output, "base_data")
-    write_base_set(root)
+    if io.is_s3(root):
+        with tempfile.TemporaryDirectory(prefix="ncd-base-") as tmp:
+            write_base_set(tmp)
+            io.upload_dir(tmp, root, cfg.s3)
+    else:
+        write_base_set(root)
     base_cfg = apply_overrides(cfg, [f"data.root={root}", "data.layout=generic", "data.maps=", "data.categories=",
                                      f"preprocess.output={io.join(cfg.output, 'base')}"])
     return stages.preprocess(base_cfg, build_manifest(base_cfg.data, cfg.s3))
@@ -236,7 +249,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         for level in ("image", "region"):
             m = summary["metrics"][level]["mean"]
             lines.append(f"  {level:6s} level: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  F1 {m['f1']:.3f}")
-    lines.append(f"  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     lines.append(f"  output: {summary['output']} (report.md, predictions, model.pt)")
     return "\n".join(lines)
 

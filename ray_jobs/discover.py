@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = discover_config(args)
+    return run(cfg, args)
+
+
+def run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    """``discover`` with the stages ``args`` ask for (``--local`` or Ray), printing its summary."""
     if not args.local:
         ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
     stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)

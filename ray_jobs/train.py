@@ -76,18 +76,17 @@ def build_trainer(cfg: ExperimentConfig, regions_uri: str, num_workers: int, use
                   storage_path: str | None = None, name: str | None = None, max_failures: int = 2,
                   cpus_per_worker: float = 1.0) -> TorchTrainer:
     cfg = absolute_paths(cfg)
-    if not io.is_s3(regions_uri):
-        regions_uri = os.path.abspath(regions_uri)
-    storage = storage_path or io.join(cfg.output, "ray_train")
-    if not io.is_s3(storage):
-        storage = os.path.abspath(storage)
+    regions_uri = io.absolute(regions_uri)
+    storage = io.absolute(storage_path or io.join(cfg.output, "ray_train"))
+    # s3://: ncd's filesystem (endpoint, credentials from cfg.s3) and, as Ray requires with a
+    # custom ``storage_filesystem``, the path inside it ("bucket/prefix", no scheme).
+    filesystem, fs_path = io.filesystem(storage, cfg.s3) if io.is_s3(storage) else (None, storage)
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "regions": regions_uri},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name or cfg.name, storage_path=storage,
-                             storage_filesystem=io.filesystem(storage, cfg.s3)[0] if io.is_s3(storage) else None,
+        run_config=RunConfig(name=name or cfg.name, storage_path=fs_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )

@@ -125,11 +125,8 @@ def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None =
     if metric not in MODES:
         raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)}")
     cfg = absolute_paths(cfg)
-    if not io.is_s3(regions_uri):
-        regions_uri = os.path.abspath(regions_uri)
-    storage = storage_path or io.join(cfg.output, "tune")
-    if not io.is_s3(storage):
-        storage = os.path.abspath(storage)
+    regions_uri = io.absolute(regions_uri)
+    storage = io.absolute(storage_path or io.join(cfg.output, "tune"))
     k_grid = len(cfg.tune.k_values) or 1
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.grace_period,
                                max_t=cfg.train.epochs + 1)

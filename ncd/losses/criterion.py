@@ -16,10 +16,22 @@ from ncd.config import LossConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
-from ncd.losses.rows import per_row, split_rows
+from ncd.losses.rows import RowSplit, per_row, split_rows
 from ncd.losses.self_distillation import self_distillation
 from ncd.losses.supcon import supcon
 from ncd.losses.supervised_ce import supervised_ce
+
+def supervised_terms(logits: Sequence[Tensor], proj: Tensor, labels: Tensor, split: RowSplit, student_temp: float,
+                     supcon_temp: float, gather: bool) -> tuple[Tensor, Tensor]:
+    """Head-mean supervised CE and SupCon on the labelled rows (METHOD.md 5.4.1, 5.4.5)."""
+    device, b = proj.device, proj.shape[0] // 2
+    labels_rows = per_row(labels.long(), split, device, labelled_rows=True)
+    cls = torch.stack([supervised_ce(z.index_select(0, split.lab_rows), labels_rows, student_temp, gather)
+                       for z in logits]).mean()
+    proj_lab = torch.stack([proj[:b].index_select(0, split.lab_samples),
+                            proj[b:].index_select(0, split.lab_samples)], dim=1)
+    return cls, supcon(proj_lab, labels_rows[: split.n_lab], supcon_temp, supcon_temp, gather)
+
 
 def ncd_criterion(
     logits: Sequence[Tensor],
@@ -85,12 +97,7 @@ def ncd_criterion(
     parts: dict[str, Tensor] = {"infonce": nce.detach()}
 
     if n_lab > 0:
-        labels_rows = per_row(labels.long(), split, device, labelled_rows=True)
-        cls = torch.stack([supervised_ce(z.index_select(0, split.lab_rows), labels_rows, cfg.student_temp, gather)
-                           for z in logits]).mean()
-        proj_lab = torch.stack([proj[:b].index_select(0, split.lab_samples),
-                                proj[b:].index_select(0, split.lab_samples)], dim=1)
-        sc = supcon(proj_lab, labels_rows[: split.n_lab], cfg.supcon_temp, cfg.supcon_temp, gather)
+        cls, sc = supervised_terms(logits, proj, labels, split, cfg.student_temp, cfg.supcon_temp, gather)
         loss = loss + lam * cls + lam * sc
         parts["cls"], parts["supcon"] = cls.detach(), sc.detach()
     else:

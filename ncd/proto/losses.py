@@ -22,12 +22,11 @@ from torch import Tensor
 from ncd import dist as ncd_dist
 from ncd.config import LossConfig, ProtoConfig
 from ncd.losses.corrected_targets import corrected_targets
+from ncd.losses.criterion import supervised_terms
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
 from ncd.losses.rows import per_row, split_rows
 from ncd.losses.self_distillation import self_distillation
-from ncd.losses.supcon import supcon
-from ncd.losses.supervised_ce import supervised_ce
 
 CONFIDENCE_EPS = 1e-6  # ProtoGCD's top1 / (top2 + eps)
 
@@ -251,12 +250,7 @@ def proto_criterion(
     parts: dict[str, Tensor] = {"infonce": nce.detach(), "separation": sep_h.mean().detach()}
 
     if n_lab > 0:
-        labels_rows = per_row(labels.long(), split, device, labelled_rows=True)
-        cls = torch.stack([supervised_ce(z.index_select(0, split.lab_rows), labels_rows, student_temp, gather)
-                           for z in logits]).mean()
-        proj_lab = torch.stack([proj[:b].index_select(0, split.lab_samples),
-                                proj[b:].index_select(0, split.lab_samples)], dim=1)
-        sc = supcon(proj_lab, labels_rows[: split.n_lab], cfg.supcon_temp, cfg.supcon_temp, gather)
+        cls, sc = supervised_terms(logits, proj, labels, split, student_temp, cfg.supcon_temp, gather)
         loss = loss + lam * cls + lam * sc
         parts["cls"], parts["supcon"] = cls.detach(), sc.detach()
     else:

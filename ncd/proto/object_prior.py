@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from ncd import io
+from ncd.crops import padded_crop
 from ncd.config import ProtoConfig, S3Config
 from ncd.io import DataError
 
@@ -221,12 +222,7 @@ def estimate_object_mask(image: np.ndarray) -> np.ndarray:
 def crop_box(array: np.ndarray, box: Sequence[int]) -> np.ndarray:
     """``array[y0:y1, x0:x1]`` for box (x0, y0, x1, y1), zeros where the box leaves the array."""
     x0, y0, x1, y1 = (int(v) for v in box)
-    height, width = array.shape[:2]
-    out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), *array.shape[2:]), array.dtype)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[sy0:sy1, sx0:sx1]
-    return out
+    return padded_crop(array, (x0, y0, x1, y1))
 
 
 def crop_object_mask(mask: np.ndarray, box: Sequence[int]) -> np.ndarray:

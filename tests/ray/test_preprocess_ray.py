@@ -1,7 +1,7 @@
 import pytest
 
 from ncd.catalog import build_manifest
-from ncd.config import DataConfig, ExperimentConfig, apply_overrides
+from ncd.config import ExperimentConfig, apply_overrides
 from ncd.preprocess import preprocess_manifest, read_regions
 
 pytestmark = pytest.mark.ray

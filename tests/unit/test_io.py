@@ -1,5 +1,3 @@
-import io as _io
-
 import cv2
 import numpy as np
 import pyarrow as pa

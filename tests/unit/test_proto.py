@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ncd import io
 from ncd.config import LossConfig, ModelConfig, ProtoConfig
-from ncd.crops import _padded_crop
+from ncd.crops import padded_crop
 from ncd.io import DataError
 from ncd.losses import info_nce, supcon
 from ncd.model.mask_attention import MaskGuidedViT, hard_key_bias, patch_coverage
@@ -284,10 +284,10 @@ def test_crops_of_guidance_maps_use_the_region_geometry():
     score = rng.uniform(-10, 270, (20, 30)).astype(np.float32)
     for box in [(2, 3, 12, 13), (-5, -4, 10, 11), (22, 12, 36, 26), (-3, -3, 33, 23)]:
         crop = crop_object_mask(mask, box)
-        assert np.array_equal(crop, _padded_crop(mask, box))
+        assert np.array_equal(crop, padded_crop(mask, box))
         assert crop.shape == (box[3] - box[1], box[2] - box[0])
         amap = crop_anomaly_map(score, box)
-        expected = _padded_crop(np.clip(np.rint(score), 0, 255).astype(np.uint8), box)
+        expected = padded_crop(np.clip(np.rint(score), 0, 255).astype(np.uint8), box)
         assert amap.dtype == np.uint8 and np.array_equal(amap, expected)
     assert crop_object_mask(mask, (-5, -4, 10, 11))[:4].max() == 0  # padding is background
 
