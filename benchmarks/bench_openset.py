@@ -25,7 +25,7 @@ from mtd_common import FREE_TYPE, arm, prepare
 from ncd.pipeline import LOCAL_STAGES, base_set
 from ncd.openset_eval import open_set_protocol
 
-DEFAULTS = ["method=protoanomalyncd", "train.epochs=3", "loss.warmup_teacher_temp_epochs=2", "loss.repeat_times=1"]
+DEFAULTS = ["method=protoanomalyncd", "train.epochs=2", "loss.warmup_teacher_temp_epochs=2", "loss.repeat_times=1"]
 
 
 def main() -> None:
