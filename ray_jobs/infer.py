@@ -1,5 +1,8 @@
 """Ray Data batch inference with model actors (the same outputs as the in-process path).
 
+The region table streams from storage (local or ``s3://`` Parquet, only the columns the
+model reads) through the actors; only features and logits come back to the driver.
+
     python -m ray_jobs.infer --model outputs/demo/model.pt --regions outputs/demo/regions --out outputs/infer
 
 Transductive (the training crops) or inductive (a region table preprocessed from new
@@ -12,8 +15,9 @@ import logging
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 import torch
 
@@ -28,47 +32,116 @@ from ncd.predict import TrainedModel, load_model, model_from_state, model_state
 log = logging.getLogger(__name__)
 
 
-class RegionPredictor:
-    """A Ray Data actor holding one model; maps region batches to features and logits."""
+ORDER_COLUMNS = ("image_id", "region_index")  # a region table's canonical order (``read_regions``)
+ROW = "_row"  # position in an in-memory table, carried through the actors
+METADATA_COLUMNS = ("region_id", "image_id", "region_index", "category", "gt_type", "area")  # what predictions need
 
-    def __init__(self, state: Any, device: str | None = None) -> None:
+
+class RegionPredictor:
+    """A Ray Data actor holding one model; maps region batches to features and logits.
+
+    Columns named in ``carry`` pass through unchanged, so the driver can restore the
+    table's order from the (unordered) output blocks.
+    """
+
+    def __init__(self, state: Any, device: str | None = None, threads: int = 0,
+                 carry: tuple[str, ...] = ()) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trained = model_from_state(ray.get(state) if isinstance(state, ray.ObjectRef) else state, dev)
         self.device = torch.device(dev)
+        self.carry = carry
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.trained.cfg
         out = forward_regions(self.trained.model, eval_set(batch, guide_columns(cfg)), view_spec(cfg),
-                              cfg.infer.batch_size,
-                              self.device, cfg.train.amp)
-        result = {"row": batch.column("row").to_numpy(), "feat": out.feat}
+                              cfg.infer.batch_size, self.device, cfg.train.amp)
+        result = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in self.carry}
+        result["feat"] = out.feat
         for h, z in enumerate(out.logits):
             result[f"logits{h}"] = z
         return result
 
 
-def run_inference(trained: TrainedModel, regions: pa.Table, num_actors: int = 1, use_gpu: bool = False,
-                  batch_size: int = 64) -> RegionOutputs:
-    """Features and per-head logits of every region, in table order, computed by actors."""
-    state_ref = ray.put(model_state(trained))
-    columns = ["region_id", "crop_png", "mask_png", *guide_columns(trained.cfg)]
-    table = regions.select(columns).append_column("row", pa.array(np.arange(regions.num_rows)))
-    ds = ray.data.from_arrow(table).repartition(max(1, min(regions.num_rows // batch_size, 4 * num_actors)))
-    out = ds.map_batches(RegionPredictor, fn_constructor_kwargs={"state": state_ref}, batch_size=batch_size,
-                         batch_format="pyarrow", concurrency=num_actors, num_gpus=1 if use_gpu else 0,
-                         num_cpus=0.5 if not use_gpu else 1)
-    rows = out.to_pandas() if regions.num_rows else pd.DataFrame()
-    order = np.argsort(rows["row"].to_numpy())
-    feat = np.stack(rows["feat"].to_numpy()[order]).astype(np.float32)
-    n_head = sum(1 for c in rows.columns if c.startswith("logits"))
-    logits = [np.stack(rows[f"logits{h}"].to_numpy()[order]).astype(np.float32) for h in range(n_head)]
+def input_columns(trained: TrainedModel) -> list[str]:
+    """Region-table columns the model reads (crops, masks and this method's guide maps)."""
+    return ["region_id", "crop_png", "mask_png", *guide_columns(trained.cfg)]
+
+
+def _parquet_dataset(uri: str, columns: list[str], s3: S3Config | None) -> tuple[pads.Dataset, Any, str]:
+    """The region table at ``uri`` as a pyarrow dataset, checked to hold ``columns``."""
+    fs, path = io.filesystem(uri, s3)
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"region table not found: {uri}") from None
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise io.DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")
+    return dataset, fs, path
+
+
+def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None) -> "ray.data.Dataset":
+    """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory)."""
+    _, fs, path = _parquet_dataset(uri, columns, s3)
+    return ray.data.read_parquet(path, filesystem=fs).select_columns(columns)  # pushed down into the read
+
+
+def region_metadata(uri: str, s3: S3Config | None = None) -> pa.Table:
+    """The small columns of a region table (no crops), in canonical order, read in this process."""
+    dataset, _, _ = _parquet_dataset(uri, list(METADATA_COLUMNS), s3)
+    table = dataset.to_table(columns=list(METADATA_COLUMNS))
+    return table.sort_by([(c, "ascending") for c in ORDER_COLUMNS])
+
+
+def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: int = 1, use_gpu: bool = False,
+                  batch_size: int = 64, s3: S3Config | None = None,
+                  cpus_per_actor: float | None = None) -> RegionOutputs:
+    """Features and per-head logits of every region, computed by ``num_actors`` actors.
+
+    ``regions`` is an in-memory table (outputs in its row order) or the URI of a region
+    table, local or ``s3://`` (read by the workers, only the columns the model needs;
+    outputs in the canonical order ``image_id, region_index``, as ``read_regions``).
+    Only the features and logits come back to the driver.
+    """
+    columns = input_columns(trained)
+    if isinstance(regions, str):
+        carry = ORDER_COLUMNS
+        ds = read_region_columns(regions, [*columns, *carry], s3)
+    else:
+        if regions.num_rows == 0:
+            return RegionOutputs(np.zeros((0, trained.model.feature_dim), np.float32), [])
+        carry = (ROW,)
+        ds = ray.data.from_arrow(regions.select(columns).append_column(ROW, pa.array(np.arange(regions.num_rows))))
+    cpus = cpus_per_actor if cpus_per_actor is not None else (1.0 if use_gpu else 0.5)
+    out = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
+        RegionPredictor, batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        fn_constructor_kwargs={"state": ray.put(model_state(trained)), "threads": 0 if use_gpu else max(1, int(cpus)),
+                               "carry": carry},
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus)
+    return _ordered_outputs(list(out.iter_batches(batch_size=None, batch_format="numpy")), carry,
+                            trained.model.feature_dim)
+
+
+def _ordered_outputs(batches: list[dict[str, np.ndarray]], keys: tuple[str, ...], feature_dim: int) -> RegionOutputs:
+    """Concatenate actor outputs and sort them by ``keys`` (ascending, as ``pa.Table.sort_by``)."""
+    batches = [b for b in batches if len(b["feat"])]
+    if not batches:
+        return RegionOutputs(np.zeros((0, feature_dim), np.float32), [])
+    key_table = pa.table({k: np.concatenate([b[k] for b in batches]) for k in keys})
+    order = pc.sort_indices(key_table, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
+    feat = np.concatenate([b["feat"] for b in batches])[order].astype(np.float32, copy=False)
+    n_head = sum(1 for k in batches[0] if k.startswith("logits"))
+    logits = [np.concatenate([b[f"logits{h}"] for b in batches])[order].astype(np.float32, copy=False)
+              for h in range(n_head)]
     return RegionOutputs(feat=feat, logits=logits)
 
 
 def main(argv: list[str] | None = None) -> None:
     from ncd.pipeline import write_predictions
     from ncd.predict import head_probabilities, image_predictions, region_predictions
-    from ncd.preprocess import read_regions
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt written by ncd discover / ncd train")
@@ -83,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     s3 = S3Config(endpoint_override=args.s3_endpoint) if args.s3_endpoint else None
     ray.init(address=args.address, ignore_reinit_error=True)
     trained = load_model(args.model, s3)
-    regions = read_regions(args.regions, s3)
-    outputs = run_inference(trained, regions, args.num_actors, args.use_gpu)
+    regions = region_metadata(args.regions, s3)  # crops stay in storage: the actors stream them
+    outputs = run_inference(trained, args.regions, args.num_actors, args.use_gpu, s3=s3)
+    if len(outputs.feat) != regions.num_rows:
+        raise RuntimeError(f"inference returned {len(outputs.feat)} rows for {regions.num_rows} regions")
     cfg = trained.cfg
     probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], cfg.loss.student_temp)
     write_predictions(args.out, "region_predictions", region_predictions(regions, probs, cfg.infer.unknown_threshold), s3)

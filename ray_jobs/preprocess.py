@@ -1,9 +1,15 @@
 """Ray Data preprocessing: MEBin + crops sharded over workers.
 
-Pass 1 maps every image to its map statistics and reduces them per category (the
-MEBin search range); pass 2 runs ``ncd.preprocess.process_image`` per image with
-``map_batches`` and writes the region table as Parquet shards (local dir or S3).
-The rows equal the in-process path's (``ncd preprocess --local``) byte for byte.
+Incremental and resumable: ``ncd.preprocess.plan_preprocess`` compares the manifest with
+the completion records of the region table (``<preprocess.output>/regions/<category>/``)
+and only the categories whose images or settings changed are processed. Pass 1 maps
+their images to map statistics and reduces them per category (the MEBin search range);
+pass 2 runs ``ncd.preprocess.process_part`` over batches with ``map_batches``: each task
+writes its category's Parquet part into a staging folder and returns a one-line summary.
+The driver streams those summaries and publishes each category (atomic move + record)
+as soon as all of its images are in, so a run stopped part-way keeps the categories it
+finished and the next one redoes only the rest. The rows equal the in-process path's
+(``ncd preprocess --local``) byte for byte.
 
     python -m ray_jobs.preprocess --config configs/demo_smoke.yaml [--set a.b=v ...]
 """
@@ -12,65 +18,125 @@ from __future__ import annotations
 import argparse
 import logging
 import uuid
-from typing import Any
+from collections import Counter
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
-from ray.data.aggregate import Max, Min
 
 from ncd import io
 from ncd.catalog import build_manifest
 from ncd.config import ExperimentConfig, absolute_paths, load_config
-from ncd.preprocess import (REGION_SCHEMA, REGIONS_DIR, CategoryRange, check_categories, image_statistics,
-                            process_image, reduce_range)
+from ncd.preprocess import (REGIONS_DIR, STAGING_PREFIX, CategoryRange, PreprocessStats, check_categories,
+                            completion_record, image_statistics, plan_preprocess, process_part, publish_category,
+                            reduce_range, remove_entries)
 
 log = logging.getLogger(__name__)
 
 
 def _stats_batch(batch: pd.DataFrame, s3) -> pd.DataFrame:
-    rows = [image_statistics(r, s3) for r in batch.to_dict("records")]
-    df = pd.DataFrame(rows)
+    """Pass 1 for a batch: per-image map statistics, reduced per category within the batch."""
+    df = pd.DataFrame([image_statistics(r, s3) for r in batch.to_dict("records")])
     df["is_uint8"] = df["is_uint8"].astype("int64")
-    return df
+    return df.groupby("category", as_index=False).agg(
+        all_uint8=("is_uint8", "min"), lo=("lo", "min"), hi=("hi", "max"),
+        min_peak=("peak", "min"), max_peak=("peak", "max"))
 
 
-def _regions_batch(batch: pd.DataFrame, ranges: dict[str, CategoryRange], cfg: ExperimentConfig) -> pa.Table:
-    rows: list[dict[str, Any]] = []
+PART_COLUMNS = ["category", "file", "images", "regions"]
+
+
+def _stage_batch(batch: pd.DataFrame, ranges: dict[str, CategoryRange], cfg: ExperimentConfig,
+                 staging: str) -> pd.DataFrame:
+    """Pass 2 for a batch: one staged part per category in it; returns their summaries."""
+    groups: dict[str, list[dict]] = {}
     for r in batch.to_dict("records"):
-        rows.extend(process_image(r, ranges[r["category"]], cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto))
-    return pa.Table.from_pylist(rows, schema=REGION_SCHEMA)
+        groups.setdefault(r["category"], []).append(r)
+    parts = [process_part(rows, ranges[c], staging, cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto)
+             for c, rows in groups.items()]
+    return pd.DataFrame(parts, columns=PART_COLUMNS)
 
 
-def compute_ranges(ds: "ray.data.Dataset", cfg: ExperimentConfig) -> dict[str, CategoryRange]:
-    """Pass 1: per-category reduction of per-image map statistics."""
+def compute_ranges(ds: "ray.data.Dataset", cfg: ExperimentConfig,
+                   concurrency: int | None = None) -> dict[str, CategoryRange]:
+    """Pass 1: per-category reduction of per-image map statistics (min/max, so batches
+    reduce their own images and the driver combines the partial results)."""
     stats = ds.map_batches(_stats_batch, fn_kwargs={"s3": cfg.s3}, batch_format="pandas",
-                           batch_size=cfg.preprocess.batch_size)
-    agg = stats.groupby("category").aggregate(
-        Min("is_uint8", alias_name="all_uint8"), Min("lo", alias_name="lo"), Max("hi", alias_name="hi"),
-        Min("peak", alias_name="min_peak"), Max("peak", alias_name="max_peak"),
-    ).take_all()
-    return {a["category"]: reduce_range(bool(a["all_uint8"]), a["lo"], a["hi"], a["min_peak"], a["max_peak"], cfg.mebin)
-            for a in agg}
+                           batch_size=cfg.preprocess.batch_size,
+                           compute=ray.data.TaskPoolStrategy(size=concurrency))
+    # the batches' partial reductions are a few rows each: combined here, no shuffle
+    acc: dict[str, list] = {}
+    for a in stats.take_all():
+        b = acc.setdefault(a["category"], [True, float("inf"), float("-inf"), float("inf"), float("-inf")])
+        b[:] = [b[0] and bool(a["all_uint8"]), min(b[1], a["lo"]), max(b[2], a["hi"]),
+                min(b[3], a["min_peak"]), max(b[4], a["max_peak"])]
+    return {c: reduce_range(*b, cfg.mebin) for c, b in acc.items()}
 
 
-def run_preprocess(cfg: ExperimentConfig, manifest: pa.Table | None = None) -> str:
-    """Both passes on the current Ray cluster; returns the region table URI (a directory)."""
+def run_preprocess(cfg: ExperimentConfig, manifest: pa.Table | None = None, *,
+                   concurrency: int | None = None) -> str:
+    """Bring the region table up to date on the current Ray cluster; returns its URI (a directory).
+
+    ``concurrency`` caps the tasks that run a pass at once (default: as many as the
+    cluster's CPUs allow).
+    """
+    return refresh_regions(cfg, manifest, concurrency=concurrency).uri
+
+
+def refresh_regions(cfg: ExperimentConfig, manifest: pa.Table | None = None, *,
+                    concurrency: int | None = None) -> PreprocessStats:
+    """``run_preprocess`` with what it did: the categories processed, skipped and removed."""
     cfg = absolute_paths(cfg)
     if manifest is None:
         manifest = build_manifest(cfg.data, cfg.s3)
     check_categories(manifest)
-    out_uri = io.join(cfg.preprocess.output, REGIONS_DIR)
-    staging = io.join(cfg.preprocess.output, f"_staging-{uuid.uuid4().hex[:8]}")
-    ds = ray.data.from_arrow(manifest).repartition(max(1, manifest.num_rows // cfg.preprocess.batch_size))
-    ranges = compute_ranges(ds, cfg)
-    log.info("preprocess: ranges %s", {k: (v.min_th, v.max_th) for k, v in ranges.items()})
-    regions = ds.map_batches(_regions_batch, fn_kwargs={"ranges": ranges, "cfg": cfg}, batch_format="pandas",
-                             batch_size=cfg.preprocess.batch_size)
-    fs, staging_path = io.filesystem(staging, cfg.s3)
-    regions.write_parquet(staging_path, filesystem=fs)
-    io.replace_dir(staging, out_uri, cfg.s3)
-    return out_uri
+    uri = io.join(cfg.preprocess.output, REGIONS_DIR)
+    plan = plan_preprocess(manifest, uri, cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto)
+    log.info("preprocess: %d categories to process, %d complete, %d stale entries", len(plan.pending),
+             len(plan.complete), len(plan.stale))
+    remove_entries(uri, plan.stale, cfg.s3)  # also the staging folders of interrupted runs
+    if not plan.pending:
+        return PreprocessStats(uri, (), plan.complete, plan.stale, 0, 0)
+    todo = manifest.filter(pc.is_in(manifest.column("category"), pa.array(list(plan.pending))))
+    staging = io.join(uri, f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
+    try:
+        ds = ray.data.from_arrow(todo)
+        # Each pass is one map operator after a barrier (the repartition) whose outputs are a
+        # few bytes per task (the rows go to storage). Ray Data's per-operator reservation
+        # would hold it to about half the cluster's CPUs (one task at a time on 2 CPUs), and
+        # its downstream-capacity backpressure would throttle it on those tiny outputs:
+        # both off, for this dataset's context only.
+        ds.context.op_resource_reservation_enabled = False
+        ds.context.downstream_capacity_backpressure_ratio = None
+        ds = ds.repartition(max(1, todo.num_rows // cfg.preprocess.batch_size))
+        ranges = compute_ranges(ds, cfg, concurrency)
+        log.info("preprocess: ranges %s", {k: (v.min_th, v.max_th) for k, v in ranges.items()})
+        parts = ds.map_batches(_stage_batch, fn_kwargs={"ranges": ranges, "cfg": cfg, "staging": staging},
+                               batch_format="pandas", batch_size=cfg.preprocess.batch_size,
+                               compute=ray.data.TaskPoolStrategy(size=concurrency))
+        waiting = Counter(todo.column("category").to_pylist())
+        staged: dict[str, dict[str, dict]] = {c: {} for c in waiting}
+        for part in parts.iter_rows():  # streamed: a category is published once all its images are in
+            category, name = part["category"], part["file"]
+            if name in staged[category]:  # a recomputed task rewrote the same part
+                continue
+            staged[category][name] = {k: part[k] for k in PART_COLUMNS}
+            waiting[category] -= int(part["images"])
+            if waiting[category] == 0:
+                record = completion_record(category, plan.pending[category], list(staged[category].values()),
+                                           ranges[category])
+                publish_category(staging, uri, record, cfg.s3)
+                log.info("preprocess: %s done (%d images, %d regions)", category, record["images"],
+                         record["regions"])
+        unfinished = sorted(c for c, n in waiting.items() if n)
+        if unfinished:
+            raise RuntimeError(f"preprocess: images unaccounted for in {', '.join(unfinished)}")
+    finally:
+        io.delete_dir(staging, cfg.s3)
+    done = [p for parts_of in staged.values() for p in parts_of.values()]
+    return PreprocessStats(uri, tuple(plan.pending), plan.complete, plan.stale,
+                           sum(int(p["images"]) for p in done), sum(int(p["regions"]) for p in done))
 
 
 def main(argv: list[str] | None = None) -> None:

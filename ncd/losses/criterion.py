@@ -16,16 +16,16 @@ from ncd.config import LossConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
-from ncd.losses.rows import RowSplit, per_row, split_rows
+from ncd.losses.rows import RowSplit, split_rows
 from ncd.losses.self_distillation import self_distillation
 from ncd.losses.supcon import supcon
 from ncd.losses.supervised_ce import supervised_ce
 
-def supervised_terms(logits: Sequence[Tensor], proj: Tensor, labels: Tensor, split: RowSplit, student_temp: float,
+def supervised_terms(logits: Sequence[Tensor], proj: Tensor, split: RowSplit, student_temp: float,
                      supcon_temp: float, gather: bool) -> tuple[Tensor, Tensor]:
     """Head-mean supervised CE and SupCon on the labelled rows (METHOD.md 5.4.1, 5.4.5)."""
-    device, b = proj.device, proj.shape[0] // 2
-    labels_rows = per_row(labels.long(), split, device, labelled_rows=True)
+    b = proj.shape[0] // 2
+    labels_rows = split.lab_labels
     cls = torch.stack([supervised_ce(z.index_select(0, split.lab_rows), labels_rows, student_temp, gather)
                        for z in logits]).mean()
     proj_lab = torch.stack([proj[:b].index_select(0, split.lab_samples),
@@ -85,7 +85,7 @@ def ncd_criterion(
         )
     lam = cfg.sup_weight
     device = proj.device
-    split = split_rows(labelled, device)
+    split = split_rows(labelled, labels, scores, device)
     n_lab_local = split.n_lab
     n_lab = ncd_dist.global_count(n_lab_local, device) if gather else n_lab_local
     n_unl = ncd_dist.global_count(b - n_lab_local, device) if gather else b - n_lab_local
@@ -97,14 +97,14 @@ def ncd_criterion(
     parts: dict[str, Tensor] = {"infonce": nce.detach()}
 
     if n_lab > 0:
-        cls, sc = supervised_terms(logits, proj, labels, split, cfg.student_temp, cfg.supcon_temp, gather)
+        cls, sc = supervised_terms(logits, proj, split, cfg.student_temp, cfg.supcon_temp, gather)
         loss = loss + lam * cls + lam * sc
         parts["cls"], parts["supcon"] = cls.detach(), sc.detach()
     else:
         parts["cls"], parts["supcon"] = nan, nan
 
     if n_unl > 0:
-        scores_rows = per_row(scores.float(), split, device, labelled_rows=False)
+        scores_rows = split.unl_scores
         distill, memax = [], []
         for z in logits:
             z_unl = z.index_select(0, split.unl_rows)

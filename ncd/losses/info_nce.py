@@ -47,10 +47,14 @@ def info_nce_logits(proj: Tensor, temperature: float, gather: bool = False) -> t
     self_idx = view * total + offset + sample
     pos_idx = (1 - view) * total + offset + sample
     sim = z @ keys.T  # (2b, 2B)
-    cols = torch.arange(2 * total, device=z.device)
-    is_neg = (cols[None] != self_idx[:, None]) & (cols[None] != pos_idx[:, None])
+    # the negatives' columns in ascending order: every column but self and positive,
+    # as gather indices (a boolean-mask selection would synchronise with the device)
+    first, second = torch.minimum(self_idx, pos_idx)[:, None], torch.maximum(self_idx, pos_idx)[:, None]
+    cols = torch.arange(2 * total - 2, device=z.device)[None]
+    cols = cols + (cols >= first)
+    cols = cols + (cols >= second)
     positives = sim.gather(1, pos_idx[:, None])
-    negatives = sim[is_neg].view(n, 2 * total - 2)
+    negatives = sim.gather(1, cols)
     logits = torch.cat([positives, negatives], dim=1) / temperature
     return logits, torch.zeros(n, dtype=torch.long, device=z.device)
 

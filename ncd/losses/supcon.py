@@ -59,8 +59,8 @@ def supcon(
     self_idx = (local // n) * total + offset + local % n
     logits = anchors @ contrast.T / temperature
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    not_self = torch.ones_like(logits, dtype=torch.bool)
-    not_self[local, self_idx] = False
+    # a comparison, not an indexed write: index_put on a GPU tensor synchronises
+    not_self = torch.arange(logits.shape[1], device=z.device)[None] != self_idx[:, None]
     positive = (anchor_labels[:, None] == contrast_labels[None]) & not_self
     exp_logits = torch.exp(logits) * not_self
     log_prob = logits - torch.log(exp_logits.sum(dim=1, keepdim=True))

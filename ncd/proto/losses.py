@@ -25,7 +25,7 @@ from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.criterion import supervised_terms
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
-from ncd.losses.rows import per_row, split_rows
+from ncd.losses.rows import split_rows
 from ncd.losses.self_distillation import self_distillation
 
 CONFIDENCE_EPS = 1e-6  # ProtoGCD's top1 / (top2 + eps)
@@ -88,19 +88,17 @@ def dual_level_targets(probs: Tensor, ratio: float, n_views: int = 2) -> Tensor:
     n, c = q.shape
     if n % n_views:
         raise ValueError(f"dual_level_targets expects {n_views} equal view blocks, got {n} rows")
-    out = q.clone()
     if n == 0 or c < 2:
-        return out
+        return q.clone()
     top2 = q.topk(2, dim=-1).values
     confidence = top2[:, 0] / (top2[:, 1] + CONFIDENCE_EPS)
     hard = F.one_hot(q.argmax(dim=-1), c).to(q.dtype)
     per_view = n // n_views
     n_hard = int(per_view * ratio)
-    for v in range(n_views):
-        rows = torch.arange(v * per_view, (v + 1) * per_view, device=q.device)
-        chosen = rows[confidence[rows].topk(n_hard).indices]
-        out[chosen] = hard[chosen]
-    return out
+    # chosen rows marked by scatter and blended by where (an indexed write would synchronise)
+    chosen = confidence.view(n_views, per_view).topk(n_hard, dim=1).indices
+    is_hard = torch.zeros(n_views, per_view, device=q.device).scatter_(1, chosen, 1.0).view(n, 1) > 0
+    return torch.where(is_hard, hard, q)
 
 
 def proto_pseudo_labels(
@@ -238,7 +236,7 @@ def proto_criterion(
     lam = cfg.sup_weight
     student_temp = 1.0 / proto_cfg.kappa
     device = proj.device
-    split = split_rows(labelled, device)
+    split = split_rows(labelled, labels, scores, device)
     n_lab_local = split.n_lab
     n_lab = ncd_dist.global_count(n_lab_local, device) if gather else n_lab_local
     n_unl = ncd_dist.global_count(b - n_lab_local, device) if gather else b - n_lab_local
@@ -250,14 +248,14 @@ def proto_criterion(
     parts: dict[str, Tensor] = {"infonce": nce.detach(), "separation": sep_h.mean().detach()}
 
     if n_lab > 0:
-        cls, sc = supervised_terms(logits, proj, labels, split, student_temp, cfg.supcon_temp, gather)
+        cls, sc = supervised_terms(logits, proj, split, student_temp, cfg.supcon_temp, gather)
         loss = loss + lam * cls + lam * sc
         parts["cls"], parts["supcon"] = cls.detach(), sc.detach()
     else:
         parts["cls"], parts["supcon"] = nan, nan
 
     if n_unl > 0:
-        scores_rows = per_row(scores.float(), split, device, labelled_rows=False)
+        scores_rows = split.unl_scores
         distill, entropy = [], []
         for z in logits:
             z_unl = z.index_select(0, split.unl_rows)

@@ -86,6 +86,16 @@ def test_replace_dir_on_s3_swaps_whole_tables(s3_prefix, s3_config):
     assert not io.exists(second, s3_config)
 
 
+def test_upload_dir_copies_a_local_tree(tmp_path, s3_prefix, s3_config):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    (tmp_path / "a" / "1.png").write_bytes(b"one")
+    (tmp_path / "a" / "deep" / "2.npy").write_bytes(b"two")
+    dest = io.join(s3_prefix, "tree")
+    io.upload_dir(str(tmp_path), dest, s3_config)
+    assert io.list_files(dest, s3_config) == ["a/1.png", "a/deep/2.npy"]
+    assert io.read_bytes(io.join(dest, "a/deep/2.npy"), s3_config) == b"two"
+
+
 def test_read_image_and_map(s3_prefix, s3_config):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)

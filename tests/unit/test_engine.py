@@ -80,3 +80,31 @@ def test_skipped_batches_do_not_step(tables):
     res = train(cfg, novel.slice(0, 3), base.slice(0, 3), LocalContext())
     assert res.history[0]["steps"] == 0 and res.history[0]["skipped_batches"] == 6
     assert all(math.isnan(v) for v in res.head_losses)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["anomalyncd", "protoanomalyncd"])
+def test_train_step_never_synchronises_with_the_device(method):
+    """A step only enqueues work: any host-device synchronisation (a boolean-mask
+    selection, an indexed write, a pageable copy) stalls the kernel launches behind it."""
+    from ncd.engine import parameter_groups, train_step
+    from ncd.method import build_model, guide_columns, make_objective
+
+    dev = torch.device("cuda")
+    cfg = load_config(None, ["model.backbone=vit_small_patch16_224", "model.weights=random", f"method={method}"])
+    model = build_model(cfg, 4, 6).to(dev)
+    channels = 1 + len(guide_columns(cfg))
+    optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=1e-4, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randn(8, 2, 3, 224, 224, generator=g).to(dev),
+             "masks": torch.rand(8, 2, channels, 224, 224, generator=g).round().to(dev),
+             "label": torch.tensor([0, 1, 2, 3, -1, -1, -1, -1]), "score": torch.rand(8, generator=g)}
+    objective = make_objective(cfg, 4)
+    train_step(model, batch, optimizer, objective, 0, device=dev, amp=True)  # warm-up: allocations, momentum
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        parts = train_step(model, batch, optimizer, objective, 0, device=dev, amp=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(parts["loss"]).item()
