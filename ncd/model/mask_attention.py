@@ -20,6 +20,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -101,6 +102,15 @@ def _attention_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _bias_grad_safe_attention(attn_bias: Tensor | None) -> contextlib.AbstractContextManager:
+    """SDPA's math kernel when a CUDA attention bias needs a gradient (a learned region
+    guidance): the fused kernels' backward fails for such biases at some sequence lengths
+    (torch 2.11, ViT-S/16 at 224 px: "LSE is not correctly aligned")."""
+    if attn_bias is not None and attn_bias.requires_grad and attn_bias.is_cuda:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 class MaskGuidedViT(nn.Module):
@@ -219,7 +229,8 @@ class MaskGuidedViT(nn.Module):
                 attn_bias = cls_attention_bias(key_bias.to(dtype))
             for i in range(min(start, self.depth)):
                 x = blocks[i](x, attn_mask=attn_bias if i >= self.first_masked_block else None)
-        for i in range(start, self.depth):
-            x = blocks[i](x, attn_mask=attn_bias if i >= self.first_masked_block else None)
+        with _bias_grad_safe_attention(attn_bias):
+            for i in range(start, self.depth):
+                x = blocks[i](x, attn_mask=attn_bias if i >= self.first_masked_block else None)
         x = self.backbone.norm(x)
         return x[:, 0]
