@@ -33,24 +33,13 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
-
-from mtd_common import METRICS, arm, image_level, prepare, strongest_baseline
+from mtd_common import image_level, prepare, run_arm, strongest_baseline
 
 from ncd.k_estimation import estimate_k
-from ncd.pipeline import discover
 from ncd.preprocess import read_regions
 from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 
 BASELINE_SIZES = (112, 224)
-
-
-def run_arm(cfg, manifest, work: str, name: str, extra: list[str], seconds: dict) -> tuple[dict, np.ndarray]:
-    cfg = arm(cfg, work, name, extra)
-    summary = discover(cfg, manifest=manifest, progress=lambda s: print(f"[{name}] {s}", flush=True))
-    seconds.update({f"{name}_{k}": v for k, v in summary["seconds"].items()})
-    m = summary["metrics"]["image"]["mean"]
-    return {k: round(m[k], 4) for k in METRICS}, np.load(f"{work}/{name}/region_features.npy")
 
 
 def main() -> None:

@@ -53,6 +53,18 @@ def arm(cfg: ExperimentConfig, work: str, name: str, extra: list[str]) -> Experi
     return apply_overrides(cfg, [f"output={work}/{name}", f"preprocess.output={work}/{name}", *extra])
 
 
+def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, name: str, extra: list[str],
+            seconds: dict) -> tuple[dict, np.ndarray]:
+    """``ncd discover`` of one arm in ``work/name``; image-level metrics and region features."""
+    from ncd.pipeline import discover
+
+    cfg = arm(cfg, work, name, extra)
+    summary = discover(cfg, manifest=manifest, progress=lambda s: print(f"[{name}] {s}", flush=True))
+    seconds.update({f"{name}_{k}": v for k, v in summary["seconds"].items()})
+    m = summary["metrics"]["image"]["mean"]
+    return {k: round(m[k], 4) for k in METRICS}, np.load(f"{work}/{name}/region_features.npy")
+
+
 def image_level(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list[str], np.ndarray]:
     """Area-softmax weighted mean of each image's region features (as the region merge)."""
     ids = regions.column("image_id").to_pylist()

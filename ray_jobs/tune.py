@@ -31,9 +31,9 @@ from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_
 from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
 from ncd.k_estimation import cosine_silhouette, l2_normalise
 from ncd.metrics import cluster_metrics
-from ncd.pipeline import local_infer
+from ncd.pipeline import SYNTHETIC_BASE, base_set, local_infer
 from ncd.predict import TrainedModel, head_probabilities, image_predictions
-from ncd.preprocess import read_regions
+from ncd.preprocess import REGIONS_DIR, read_regions
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = {  # TuneConfig field -> experiment key
@@ -126,6 +126,11 @@ def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None =
         raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)}")
     cfg = absolute_paths(cfg)
     regions_uri = io.absolute(regions_uri)
+    if cfg.train.base_table == SYNTHETIC_BASE:  # built once here, read by every trial
+        from ray_jobs.discover import ray_stages
+
+        base_set(cfg, ray_stages())
+        cfg = apply_overrides(cfg, [f"train.base_table={io.join(cfg.output, 'base', REGIONS_DIR)}"])
     storage = io.absolute(storage_path or io.join(cfg.output, "tune"))
     k_grid = len(cfg.tune.k_values) or 1
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.grace_period,
