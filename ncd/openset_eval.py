@@ -3,8 +3,10 @@
 For one defect type: train without any of its regions (K = the seen types), infer on
 every image, and measure how well the rejection score separates the held-out type's
 images from the seen types' images (AUROC; 1.0 = every held-out image scores lower).
-The rejection score of an image is its merged best novel probability (the vMF
-posterior in ProtoAnomalyNCD mode, the softmax posterior in AnomalyNCD mode).
+Two rejection scores of an image are measured: ``posterior``, its merged best novel
+probability (the vMF posterior in ProtoAnomalyNCD mode, the softmax posterior in
+AnomalyNCD mode), and ``similarity``, its best area-merged cosine to a novel prototype
+(PROTO.md allows either).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ncd.config import ExperimentConfig, apply_overrides
+from ncd.merge import merge_regions
 from ncd.predict import head_probabilities, image_predictions
 from ncd.proto.openset import auroc
 
@@ -36,7 +39,12 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
     images, merged = image_predictions(regions, probs, cfg.infer.area_temperature)
     is_held = np.asarray(images.column("gt_type").to_pylist()) == held_out
     score = merged.max(axis=1)
-    return {"auroc": auroc(score[~is_held], score[is_held]), "k_seen": k_seen,
+    cosines = np.asarray(outputs.logits[trained.head])[:, trained.class_map["num_base"]:]
+    _, merged_cos = merge_regions(regions.column("image_id").to_pylist(), cosines,
+                                  np.asarray(regions.column("area").to_pylist(), np.float64), cfg.infer.area_temperature)
+    similarity = merged_cos.max(axis=1)
+    return {"auroc": auroc(score[~is_held], score[is_held]),
+            "auroc_similarity": auroc(similarity[~is_held], similarity[is_held]), "k_seen": k_seen,
             "held_out_images": int(is_held.sum()), "seen_images": int((~is_held).sum()),
             "mean_score_seen": float(score[~is_held].mean()), "mean_score_held_out": float(score[is_held].mean())}
 
@@ -48,6 +56,9 @@ def open_set_protocol(cfg: ExperimentConfig, regions: pa.Table, stages: Any, typ
     per_type = {}
     for t in types:
         per_type[t] = held_out_auroc(cfg, regions, t, stages, base)
-        log.info("held out %s: AUROC %.3f", t, per_type[t]["auroc"])
+        log.info("held out %s: AUROC %.3f (posterior), %.3f (similarity)", t, per_type[t]["auroc"],
+                 per_type[t]["auroc_similarity"])
     return {"auroc": float(np.mean([r["auroc"] for r in per_type.values()])),
-            "per_type": {t: r["auroc"] for t, r in per_type.items()}, "details": per_type}
+            "auroc_similarity": float(np.mean([r["auroc_similarity"] for r in per_type.values()])),
+            "per_type": {t: r["auroc"] for t, r in per_type.items()},
+            "per_type_similarity": {t: r["auroc_similarity"] for t, r in per_type.items()}, "details": per_type}

@@ -29,7 +29,7 @@ def test_held_out_type_never_reaches_training(plate):
     assert result["k_seen"] == 5
     held = regions.filter(pc.equal(regions.column("gt_type"), "scratch"))
     assert result["held_out_images"] == len(set(held.column("image_id").to_pylist()))
-    assert 0.0 <= result["auroc"] <= 1.0
+    assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["auroc_similarity"] <= 1.0
 
 
 def test_protocol_averages_over_types(plate):
@@ -37,5 +37,6 @@ def test_protocol_averages_over_types(plate):
     result = open_set_protocol(cfg, regions, LOCAL_STAGES, ["hole", "crack"])
     assert set(result["per_type"]) == {"hole", "crack"}
     assert result["auroc"] == pytest.approx(sum(result["per_type"].values()) / 2)
+    assert result["auroc_similarity"] == pytest.approx(sum(result["per_type_similarity"].values()) / 2)
     with pytest.raises(ValueError, match="no regions"):
         held_out_auroc(cfg, regions, "no-such-type", LOCAL_STAGES)
