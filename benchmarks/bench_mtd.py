@@ -36,7 +36,7 @@ import warnings
 from mtd_common import image_level, prepare, run_arm, strongest_baseline
 
 from ncd.k_estimation import estimate_k
-from ncd.preprocess import read_regions
+from ncd.region_table import read_regions
 from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 
 BASELINE_SIZES = (112, 224)

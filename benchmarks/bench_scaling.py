@@ -57,7 +57,8 @@ from ncd.engine import view_spec  # noqa: E402
 from ncd.infer import forward_regions  # noqa: E402
 from ncd.method import build_model  # noqa: E402
 from ncd.predict import TrainedModel  # noqa: E402
-from ncd.preprocess import preprocess_manifest, read_regions  # noqa: E402
+from ncd.preprocess import preprocess_manifest  # noqa: E402
+from ncd.region_table import read_regions  # noqa: E402
 from ncd.synthetic import SyntheticSpec, write_dataset  # noqa: E402
 
 SPEC = SyntheticSpec(categories=("plate", "fabric"), images_per_family=40, normal_images=16, image_size=384, seed=7)

@@ -30,7 +30,8 @@ from ncd.k_estimation import KEstimate, estimate_k
 from ncd.method import build_model, guide_columns
 from ncd.predict import (TrainedModel, head_probabilities, image_predictions, region_predictions,
                          save_model)
-from ncd.preprocess import preprocess_manifest, read_regions, write_regions
+from ncd.preprocess import preprocess_manifest
+from ncd.region_table import read_regions, write_regions
 
 log = logging.getLogger(__name__)
 SYNTHETIC_BASE = "synthetic"

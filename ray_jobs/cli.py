@@ -83,7 +83,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.local:
         from ncd.catalog import build_manifest
-        from ncd.preprocess import preprocess_manifest, write_regions
+        from ncd.preprocess import preprocess_manifest
+        from ncd.region_table import write_regions
 
         t0 = time.perf_counter()
         manifest = build_manifest(cfg.data, cfg.s3)
@@ -165,7 +166,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ncd.pipeline import base_set, local_train, LOCAL_STAGES
     from ncd.predict import save_model
-    from ncd.preprocess import read_regions
+    from ncd.region_table import read_regions
 
     cfg = _load(args)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)

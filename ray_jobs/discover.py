@@ -17,7 +17,7 @@ from ncd.config import ExperimentConfig, apply_overrides
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
 from ncd.pipeline import LOCAL_STAGES, SYNTHETIC_BASE, Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
-from ncd.preprocess import REGIONS_DIR, read_regions
+from ncd.region_table import REGIONS_DIR, read_regions
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import run_train

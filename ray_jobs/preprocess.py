@@ -1,10 +1,10 @@
 """Ray Data preprocessing: MEBin + crops sharded over workers.
 
-Incremental and resumable: ``ncd.preprocess.plan_preprocess`` compares the manifest with
+Incremental and resumable: ``ncd.region_table.plan_preprocess`` compares the manifest with
 the completion records of the region table (``<preprocess.output>/regions/<category>/``)
 and only the categories whose images or settings changed are processed. Pass 1 maps
 their images to map statistics and reduces them per category (the MEBin search range);
-pass 2 runs ``ncd.preprocess.process_part`` over batches with ``map_batches``: each task
+pass 2 runs ``ncd.region_table.process_part`` over batches with ``map_batches``: each task
 writes its category's Parquet part into a staging folder and returns a one-line summary.
 The driver streams those summaries and publishes each category (atomic move + record)
 as soon as all of its images are in, so a run stopped part-way keeps the categories it
@@ -28,9 +28,9 @@ import ray
 from ncd import io
 from ncd.catalog import build_manifest
 from ncd.config import ExperimentConfig, absolute_paths, load_config
-from ncd.preprocess import (REGIONS_DIR, STAGING_PREFIX, CategoryRange, PreprocessStats, check_categories,
-                            completion_record, image_statistics, plan_preprocess, process_part, publish_category,
-                            reduce_range, remove_entries)
+from ncd.preprocess import CategoryRange, check_categories, image_statistics, reduce_range
+from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
+                              process_part, publish_category, remove_entries)
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from ncd import io
 from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, to_dict
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
-from ncd.preprocess import read_regions
+from ncd.region_table import read_regions
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ncd.k_estimation import cosine_silhouette, l2_normalise
 from ncd.metrics import cluster_metrics
 from ncd.pipeline import SYNTHETIC_BASE, base_set, local_infer
 from ncd.predict import TrainedModel, head_probabilities, image_predictions
-from ncd.preprocess import REGIONS_DIR, read_regions
+from ncd.region_table import REGIONS_DIR, read_regions
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = {  # TuneConfig field -> experiment key

@@ -22,7 +22,8 @@ import pytest
 from ncd.catalog import build_manifest
 from ncd.config import ExperimentConfig, apply_overrides, load_config
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
-from ncd.preprocess import preprocess_manifest, read_completion, read_regions, update_regions, write_regions
+from ncd.preprocess import preprocess_manifest
+from ncd.region_table import read_completion, read_regions, update_regions, write_regions
 
 pytestmark = pytest.mark.ray
 

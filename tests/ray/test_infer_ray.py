@@ -10,7 +10,8 @@ from ncd.engine import view_spec
 from ncd.infer import forward_regions
 from ncd.method import build_model
 from ncd.predict import TrainedModel
-from ncd.preprocess import preprocess_manifest, read_regions
+from ncd.preprocess import preprocess_manifest
+from ncd.region_table import read_regions
 
 pytestmark = pytest.mark.ray
 

@@ -5,7 +5,8 @@ import pytest
 from ncd.catalog import build_manifest
 from ncd.config import load_config
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
-from ncd.preprocess import preprocess_manifest, write_regions
+from ncd.preprocess import preprocess_manifest
+from ncd.region_table import write_regions
 
 pytestmark = pytest.mark.ray
 

@@ -4,7 +4,8 @@ import yaml
 from ncd.catalog import build_manifest
 from ncd.config import load_config
 from ncd.io import read_table
-from ncd.preprocess import preprocess_manifest, write_regions
+from ncd.preprocess import preprocess_manifest
+from ncd.region_table import write_regions
 
 pytestmark = pytest.mark.ray
 

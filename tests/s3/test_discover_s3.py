@@ -18,7 +18,7 @@ from ncd import io
 from ncd.config import ExperimentConfig, load_config
 from ncd.io import StorageError
 from ncd.pipeline import LOCAL_STAGES, Stages, discover
-from ncd.preprocess import read_regions
+from ncd.region_table import read_regions
 
 pytestmark = pytest.mark.s3
 

@@ -1,0 +1,310 @@
+"""The region table on storage: per-category parts with completion records.
+
+``<output>/regions/`` holds one folder per category (``category_dir``) with its Parquet
+parts and a completion record (``_complete.json``: a fingerprint of the category's
+manifest rows, the inputs' sizes and mtimes and the configuration its rows depend
+on). A run recomputes only the categories whose record is missing or differs; each is
+staged under ``regions/_staging-*/`` and moved into place whole, then recorded, so a
+reader sees every category either as a finished run left it or not at all (on S3,
+which has no rename, per object: see ``io.replace_dir``). Names
+that start with ``_`` are skipped by Parquet readers, so staging, records and the
+old folder being swapped out are never part of the table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from ncd import io
+from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
+from ncd.io import DataError
+from ncd.preprocess import (REGION_SCHEMA, CategoryRange, category_ranges, check_categories, image_statistics,
+                            process_image, regions_table)
+
+log = logging.getLogger(__name__)
+
+
+REGIONS_DIR = "regions"
+COMPLETION_FILE = "_complete.json"
+STAGING_PREFIX = "_staging-"
+TRASH_PREFIX = "_old-"
+PART_PREFIX = "part-"
+PREPROCESS_VERSION = 1  # bump when process_image's rows change for the same inputs and settings
+DATA_KEYS = ("map_size_policy", "max_aspect_mismatch")  # the DataConfig fields process_image reads
+STAMP_CHUNK = 64  # paths per metadata request batch
+STAMP_THREADS = 16  # concurrent metadata requests for s3:// inputs
+PART_DIGEST_CHARS = 16
+
+
+@dataclass(frozen=True)
+class PreprocessPlan:
+    """What a run must do to bring the region table ``uri`` up to date with a manifest."""
+
+    uri: str
+    pending: dict[str, str]  # category -> fingerprint, for the categories to (re)compute
+    complete: tuple[str, ...]  # categories whose completion record matches: skipped
+    stale: tuple[str, ...]  # top-level entries of the table folder that go (other categories, old layouts)
+
+
+@dataclass(frozen=True)
+class PreprocessStats:
+    """What a preprocessing run did."""
+
+    uri: str  # the region table
+    processed: tuple[str, ...]  # categories computed by this run
+    skipped: tuple[str, ...]  # categories left as they were (their record matched)
+    removed: tuple[str, ...]  # entries removed from the table folder
+    images: int  # images processed by this run
+    regions: int  # region rows written by this run
+
+
+def category_dir(category: str) -> str:
+    """The folder of one category inside the region table: its percent-encoded name.
+
+    One path segment (``/`` is encoded), never a hive partition (``=`` is encoded, so no
+    reader adds a second ``category`` column) and never hidden (a leading ``.`` or ``_``
+    is encoded too). ``urllib.parse.unquote`` gives the name back.
+    """
+    if not category:
+        raise DataError("a manifest row has an empty category")
+    name = urllib.parse.quote(category, safe="")
+    return f"%{ord(name[0]):02X}{name[1:]}" if name[0] in "._" else name
+
+
+def input_stamps(uris: Sequence[str], s3: S3Config | None = None) -> list[str]:
+    """``<size>:<mtime ns>`` of each file (``missing`` if absent), from metadata only.
+
+    A map rewritten in place (a new detector run) changes its stamp, so its category is
+    recomputed. ``s3://`` objects are queried concurrently.
+    """
+    out = ["missing"] * len(uris)
+    groups: dict[bool, list[int]] = {}
+    for i, uri in enumerate(uris):
+        groups.setdefault(io.is_s3(uri), []).append(i)
+    for remote, index in groups.items():
+        fs = io.filesystem(uris[index[0]], s3)[0]
+        chunks = [index[k:k + STAMP_CHUNK] for k in range(0, len(index), STAMP_CHUNK)]
+
+        def stat(chunk: list[int]) -> list[pafs.FileInfo]:
+            return fs.get_file_info([io.filesystem(uris[i], s3)[1] for i in chunk])
+
+        try:
+            with ThreadPoolExecutor(STAMP_THREADS if remote else 1) as pool:
+                for chunk, infos in zip(chunks, pool.map(stat, chunks)):
+                    for i, info in zip(chunk, infos):
+                        if info.type == pafs.FileType.File:
+                            out[i] = f"{info.size}:{info.mtime_ns}"
+        except (OSError, pa.ArrowException) as err:
+            raise io.StorageError(f"cannot read the metadata of {uris[index[0]]} and others: {err}") from None
+    return out
+
+
+def preprocess_settings(mebin: MebinConfig, crop: CropConfig, data: DataConfig,
+                        proto: ProtoConfig | None = None) -> dict[str, Any]:
+    """The configuration region rows depend on. Where the dataset lives and which
+    categories it holds decide which rows exist, not what they hold, so they are not here."""
+    prior = proto.object_prior if proto is not None else "none"
+    return {"version": PREPROCESS_VERSION, "schema": REGION_SCHEMA.to_string(),
+            "mebin": dataclasses.asdict(mebin), "crop": dataclasses.asdict(crop),
+            "data": {k: getattr(data, k) for k in DATA_KEYS},
+            "object_prior": prior, "object_masks": proto.object_masks if prior == "folder" else ""}
+
+
+def category_fingerprint(rows: Sequence[Mapping[str, Any]], stamps: Sequence[str],
+                         settings: Mapping[str, Any]) -> str:
+    """SHA-256 of the settings and a category's manifest rows with their input stamps
+    (independent of row order)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for row, stamp in sorted(zip(rows, stamps), key=lambda p: str(p[0]["image_id"])):
+        digest.update(json.dumps([row, stamp], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _table_listing(uri: str, s3: S3Config | None) -> dict[str, set[str]]:
+    """Top-level entries of the table folder -> the relative paths of the files inside
+    them (a top-level file maps to an empty set); empty when the folder does not exist."""
+    fs, path = io.filesystem(uri, s3)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return {}
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (OSError, pa.ArrowException) as err:
+        raise io.StorageError(f"cannot list {uri}: {err}") from None
+    base, out = path.rstrip("/") + "/", {}
+    for info in infos:
+        rel = info.path[len(base):] if info.path.startswith(base) else info.path
+        top, _, rest = rel.partition("/")
+        files = out.setdefault(top, set())
+        if rest and info.type == pafs.FileType.File:
+            files.add(rest)
+    return out
+
+
+def read_completion(uri: str, category: str, s3: S3Config | None = None) -> dict[str, Any] | None:
+    """A category's completion record in the region table ``uri``; None if absent or unreadable."""
+    try:
+        record = json.loads(io.read_bytes(io.join(uri, category_dir(category), COMPLETION_FILE), s3))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def plan_preprocess(manifest: pa.Table, uri: str, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
+                    s3: S3Config | None = None, proto: ProtoConfig | None = None) -> PreprocessPlan:
+    """Compare the manifest with the region table ``uri``: a category is complete when
+    its record's fingerprint matches and every part the record names is there."""
+    rows = manifest.to_pylist()
+    stamps = input_stamps([u for r in rows for u in (r["image_uri"], r["map_uri"])], s3)
+    by_category: dict[str, tuple[list, list]] = {}
+    for i, r in enumerate(rows):
+        group = by_category.setdefault(r["category"], ([], []))
+        group[0].append(r)
+        group[1].append(f"{stamps[2 * i]}|{stamps[2 * i + 1]}")
+    settings = preprocess_settings(mebin, crop, data, proto)
+    listing = _table_listing(uri, s3)
+    pending, complete = {}, []
+    for category, (cat_rows, cat_stamps) in sorted(by_category.items()):
+        fingerprint = category_fingerprint(cat_rows, cat_stamps, settings)
+        files = listing.get(category_dir(category), set())
+        record = read_completion(uri, category, s3) if COMPLETION_FILE in files else None
+        if record and record.get("fingerprint") == fingerprint and set(record.get("files", [])) <= files:
+            complete.append(category)
+        else:
+            pending[category] = fingerprint
+    keep = {category_dir(c) for c in by_category}
+    return PreprocessPlan(uri, pending, tuple(complete), tuple(sorted(set(listing) - keep)))
+
+
+def remove_entries(uri: str, names: Iterable[str], s3: S3Config | None = None) -> None:
+    """Delete top-level entries (folders or files) of the table folder ``uri``."""
+    fs, path = io.filesystem(uri, s3)
+    for name in names:
+        target = f"{path.rstrip('/')}/{name}"
+        try:
+            if fs.get_file_info(target).type == pafs.FileType.Directory:
+                fs.delete_dir(target)
+            else:
+                fs.delete_file(target)
+        except FileNotFoundError:
+            continue
+        except (OSError, pa.ArrowException) as err:
+            raise io.StorageError(f"cannot remove {io.join(uri, name)}: {err}") from None
+
+
+def process_part(rows: Sequence[Mapping[str, Any]], rng: CategoryRange, staging: str, mebin: MebinConfig,
+                 crop: CropConfig, data: DataConfig, s3: S3Config | None = None,
+                 proto: ProtoConfig | None = None) -> dict[str, Any]:
+    """Pass 2 for some images of one category, written as one Parquet part (canonical
+    order, possibly empty) under ``<staging>/<category dir>/``.
+
+    The part's name is a digest of its image ids, so a task that runs again (a retry,
+    a lost result recomputed) rewrites the same file instead of adding a duplicate.
+    Returns ``{category, file, images, regions}``.
+    """
+    categories = {r["category"] for r in rows}
+    if len(categories) != 1:
+        raise ValueError(f"a part holds one category's images, got {sorted(categories)}")
+    category = categories.pop()
+    out = [region for r in rows for region in process_image(r, rng, mebin, crop, data, s3, proto)]
+    ids = "\n".join(sorted(str(r["image_id"]) for r in rows))
+    name = f"{PART_PREFIX}{hashlib.sha256(ids.encode()).hexdigest()[:PART_DIGEST_CHARS]}.parquet"
+    io.write_table(regions_table(out), io.join(staging, category_dir(category), name), s3)
+    return {"category": category, "file": name, "images": len(rows), "regions": len(out)}
+
+
+def completion_record(category: str, fingerprint: str, parts: Sequence[Mapping[str, Any]],
+                      rng: CategoryRange) -> dict[str, Any]:
+    """The record that marks a category complete (what ``plan_preprocess`` checks)."""
+    return {"category": category, "fingerprint": fingerprint, "version": PREPROCESS_VERSION,
+            "files": sorted(p["file"] for p in parts), "images": sum(int(p["images"]) for p in parts),
+            "regions": sum(int(p["regions"]) for p in parts), "range": dataclasses.asdict(rng)}
+
+
+def publish_category(staging: str, uri: str, record: Mapping[str, Any], s3: S3Config | None = None) -> None:
+    """Move one category's staged folder into the table, replacing its old folder, then
+    write its completion record.
+
+    Local: two renames (the old folder goes aside under a ``_`` name, which readers skip),
+    so the category is never half there. S3 has no rename: ``io.replace_dir`` copies.
+    A failure before the record is written leaves the category unrecorded: the next run
+    recomputes it.
+    """
+    name = category_dir(record["category"])
+    src, dest = io.join(staging, name), io.join(uri, name)
+    if io.is_s3(uri):
+        io.replace_dir(src, dest, s3)
+    else:
+        src_path, dest_path = io.filesystem(src)[1], io.filesystem(dest)[1]
+        trash = io.filesystem(io.join(uri, f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"))[1]
+        had_old = os.path.isdir(dest_path)
+        if had_old:
+            os.replace(dest_path, trash)
+        os.replace(src_path, dest_path)
+        if had_old:
+            shutil.rmtree(trash, ignore_errors=True)
+    io.write_bytes(io.join(dest, COMPLETION_FILE), json.dumps(dict(record), indent=1, sort_keys=True).encode(), s3)
+
+
+def update_regions(manifest: pa.Table, output: str, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
+                   s3: S3Config | None = None, proto: ProtoConfig | None = None) -> PreprocessStats:
+    """Both passes in this process, for the categories whose completion record does not
+    match; the region table ``<output>/regions`` ends up holding exactly the manifest's
+    categories. The in-process twin of ``ray_jobs.preprocess.run_preprocess``: the same
+    layout and records, so either skips what the other completed."""
+    check_categories(manifest)
+    uri = io.join(output, REGIONS_DIR)
+    plan = plan_preprocess(manifest, uri, mebin, crop, data, s3, proto)
+    remove_entries(uri, plan.stale, s3)
+    staging = io.join(uri, f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
+    images = regions = 0
+    try:
+        column = manifest.column("category")
+        for category, fingerprint in plan.pending.items():
+            rows = manifest.filter(pc.equal(column, category)).to_pylist()
+            rng = category_ranges([image_statistics(r, s3) for r in rows], mebin)[category]
+            part = process_part(rows, rng, staging, mebin, crop, data, s3, proto)
+            publish_category(staging, uri, completion_record(category, fingerprint, [part], rng), s3)
+            images, regions = images + part["images"], regions + part["regions"]
+    finally:
+        io.delete_dir(staging, s3)
+    return PreprocessStats(uri, tuple(plan.pending), plan.complete, plan.stale, images, regions)
+
+
+def write_regions(table: pa.Table, output: str, s3: S3Config | None = None) -> str:
+    """Write a whole region table to ``<output>/regions/`` (one folder per category, no
+    completion records) atomically, replacing what was there; returns its URI."""
+    dest = io.join(output, REGIONS_DIR)
+    staging = io.join(output, f"_staging-{uuid.uuid4().hex[:8]}")
+    column = table.column("category")
+    categories = sorted(set(column.to_pylist()))
+    for category in categories:
+        io.write_table(table.filter(pc.equal(column, category)),
+                       io.join(staging, category_dir(category), f"{PART_PREFIX}00000.parquet"), s3)
+    if not categories:  # an empty table keeps its schema
+        io.write_table(table, io.join(staging, f"{PART_PREFIX}00000.parquet"), s3)
+    io.replace_dir(staging, dest, s3)
+    return dest
+
+def read_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
+    """A region table in canonical order: a Parquet file, or a folder of parts (one
+    subfolder per category as written here, or flat); ``_``-prefixed entries (staging,
+    completion records) are not part of it."""
+    table = io.read_table(uri, s3)
+    missing = [n for n in REGION_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")
+    table = table.select(REGION_SCHEMA.names).cast(REGION_SCHEMA)
+    return table.sort_by([("image_id", "ascending"), ("region_index", "ascending")])
