@@ -30,8 +30,7 @@ from ncd.k_estimation import KEstimate, estimate_k
 from ncd.method import build_model, guide_columns
 from ncd.predict import (TrainedModel, head_probabilities, image_predictions, region_predictions,
                          save_model)
-from ncd.preprocess import preprocess_manifest
-from ncd.region_table import read_regions, write_regions
+from ncd.region_table import read_regions, update_regions
 
 log = logging.getLogger(__name__)
 SYNTHETIC_BASE = "synthetic"
@@ -53,9 +52,13 @@ def device() -> torch.device:
 
 
 def local_preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
-    table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, proto=cfg.proto)
-    write_regions(table, cfg.preprocess.output, cfg.s3)
-    return table
+    """Bring ``<preprocess.output>/regions`` up to date in this process (categories whose
+    completion record matches are skipped, as on Ray) and read it back."""
+    stats = update_regions(manifest, cfg.preprocess.output, cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto)
+    if stats.skipped:
+        log.info("preprocess: %d categories already complete, skipped: %s", len(stats.skipped),
+                 ", ".join(stats.skipped))
+    return read_regions(stats.uri, cfg.s3)
 
 
 def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:

@@ -22,7 +22,7 @@ import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +47,7 @@ DATA_KEYS = ("map_size_policy", "max_aspect_mismatch")  # the DataConfig fields 
 STAMP_CHUNK = 64  # paths per metadata request batch
 STAMP_THREADS = 16  # concurrent metadata requests for s3:// inputs
 PART_DIGEST_CHARS = 16
+LOCAL_PART_IMAGES = 256  # images per Parquet part when preprocessing in one process
 
 
 @dataclass(frozen=True)
@@ -259,11 +260,13 @@ def publish_category(staging: str, uri: str, record: Mapping[str, Any], s3: S3Co
 
 
 def update_regions(manifest: pa.Table, output: str, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
-                   s3: S3Config | None = None, proto: ProtoConfig | None = None) -> PreprocessStats:
+                   s3: S3Config | None = None, proto: ProtoConfig | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> PreprocessStats:
     """Both passes in this process, for the categories whose completion record does not
     match; the region table ``<output>/regions`` ends up holding exactly the manifest's
     categories. The in-process twin of ``ray_jobs.preprocess.run_preprocess``: the same
-    layout and records, so either skips what the other completed."""
+    layout and records, so either skips what the other completed. ``progress(stage,
+    done, total)`` is called per image, per category and pass."""
     check_categories(manifest)
     uri = io.join(output, REGIONS_DIR)
     plan = plan_preprocess(manifest, uri, mebin, crop, data, s3, proto)
@@ -274,10 +277,20 @@ def update_regions(manifest: pa.Table, output: str, mebin: MebinConfig, crop: Cr
         column = manifest.column("category")
         for category, fingerprint in plan.pending.items():
             rows = manifest.filter(pc.equal(column, category)).to_pylist()
-            rng = category_ranges([image_statistics(r, s3) for r in rows], mebin)[category]
-            part = process_part(rows, rng, staging, mebin, crop, data, s3, proto)
-            publish_category(staging, uri, completion_record(category, fingerprint, [part], rng), s3)
-            images, regions = images + part["images"], regions + part["regions"]
+            stats = []
+            for i, r in enumerate(rows):
+                stats.append(image_statistics(r, s3))
+                if progress:
+                    progress(f"peaks {category}", i + 1, len(rows))
+            rng = category_ranges(stats, mebin)[category]
+            parts = []
+            for start in range(0, len(rows), LOCAL_PART_IMAGES):
+                parts.append(process_part(rows[start:start + LOCAL_PART_IMAGES], rng, staging, mebin, crop, data,
+                                          s3, proto))
+                if progress:
+                    progress(f"regions {category}", min(start + LOCAL_PART_IMAGES, len(rows)), len(rows))
+            publish_category(staging, uri, completion_record(category, fingerprint, parts, rng), s3)
+            images, regions = images + len(rows), regions + sum(p["regions"] for p in parts)
     finally:
         io.delete_dir(staging, s3)
     return PreprocessStats(uri, tuple(plan.pending), plan.complete, plan.stale, images, regions)

@@ -23,9 +23,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "ncd" / "configs"
 class Progress:
     """A one-line progress display on stderr (a line per update when not a terminal)."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr  # looked up now, so redirections made after import apply
+        self.tty = self.stream.isatty()
         self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -83,15 +83,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.local:
         from ncd.catalog import build_manifest
-        from ncd.preprocess import preprocess_manifest
-        from ncd.region_table import write_regions
+        from ncd.region_table import update_regions
 
         t0 = time.perf_counter()
         manifest = build_manifest(cfg.data, cfg.s3)
-        table = preprocess_manifest(manifest, cfg.mebin, cfg.crop, cfg.data, cfg.s3, progress=Progress(),
-                                    proto=cfg.proto)
-        out = write_regions(table, cfg.preprocess.output, cfg.s3)
-        print(f"{manifest.num_rows} images -> {table.num_rows} regions in {time.perf_counter() - t0:.1f}s -> {out}")
+        stats = update_regions(manifest, cfg.preprocess.output, cfg.mebin, cfg.crop, cfg.data, cfg.s3, cfg.proto,
+                               progress=Progress())
+        print(f"{stats.images} images -> {stats.regions} regions in {time.perf_counter() - t0:.1f}s -> {stats.uri}"
+              + (f" ({len(stats.skipped)} categories already complete: {', '.join(stats.skipped)})"
+                 if stats.skipped else ""))
         return 0
     import ray
 

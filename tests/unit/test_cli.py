@@ -14,6 +14,9 @@ def test_catalog_preprocess_evaluate(demo_root, tmp_path, capsys):
     assert main(["preprocess", "--local", *common]) == 0
     regions = read_table(str(tmp_path / "regions"))
     assert regions.num_rows >= manifest.num_rows
+    assert "[regions " in capsys.readouterr().err  # progress per category
+    assert main(["preprocess", "--local", *common]) == 0  # a re-run skips the complete categories
+    assert "0 images -> 0 regions" in capsys.readouterr().out and read_table(str(tmp_path / "regions")).equals(regions)
     preds = pa.table({"category": ["c"] * 4, "gt_type": ["a", "a", "b", "b"], "cluster": [1, 1, 0, 0]})
     write_table(preds, str(tmp_path / "p.csv"))
     assert main(["evaluate", str(tmp_path / "p.csv"), "--out", str(tmp_path / "ev")]) == 0
