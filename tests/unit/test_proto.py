@@ -155,6 +155,30 @@ def test_guidance_bf16_autocast_and_gradients_reach_the_scalars(fused):
         assert grad is not None and torch.isfinite(grad) and grad.abs() > 0, name
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_guidance_on_a_dinov2_style_patch14_vit_with_registers(fused):
+    """ViT-S/14 layout (DINOv2: 14 px patches, register tokens, no pos-embed on the prefix)."""
+    torch.manual_seed(3)
+    img = 42  # 3 x 3 patches of 14 px
+    vit = VisionTransformer(img_size=img, patch_size=14, embed_dim=32, depth=4, num_heads=2, num_classes=0,
+                            reg_tokens=4, no_embed_class=True, init_values=1e-5)
+    for blk in vit.blocks:
+        blk.attn.fused_attn = fused
+    mg = MaskGuidedViT(vit, mask_layers=3, grad_from_block=3)
+    assert mg.num_prefix_tokens == 5
+    guidance = RegionGuidance((14, 14), mg.num_prefix_tokens)
+    g = gen(11)
+    region = (torch.rand(2, 1, img, img, generator=g) > 0.5).float()
+    anomaly = torch.rand(2, 1, img, img, generator=g)
+    objects = (torch.rand(2, 1, img, img, generator=g) > 0.3).float()  # some background patches
+    bias = guidance(region, anomaly, objects)
+    assert bias.shape == (2, 5 + 9) and (bias[:, :5] == 0).all()  # prefix tokens always visible
+    out = mg.forward_with_key_bias(torch.randn(2, 3, img, img, generator=g), bias)
+    assert out.shape == (2, 32) and torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    assert all(getattr(guidance, n).grad.abs() > 0 for n in ("b_bg", "b_obj", "gain"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_guidance_gradients_on_cuda_bf16_fused_match_unfused():
     """SDPA kernels must pass gradients to a learnable float mask (65 tokens: a padded bias row)."""
