@@ -20,7 +20,6 @@ import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -104,15 +103,6 @@ def _attention_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _bias_grad_safe_attention(attn_bias: Tensor | None) -> contextlib.AbstractContextManager:
-    """SDPA's math kernel when a CUDA attention bias needs a gradient (a learned region
-    guidance): the fused kernels' backward fails for such biases at some sequence lengths
-    (torch 2.11, ViT-S/16 at 224 px: "LSE is not correctly aligned")."""
-    if attn_bias is not None and attn_bias.requires_grad and attn_bias.is_cuda:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
-
-
 class MaskGuidedViT(nn.Module):
     """A timm ViT whose CLS query is restricted by a region mask in its last blocks.
 
@@ -171,8 +161,12 @@ class MaskGuidedViT(nn.Module):
                 p.requires_grad_(True)
 
     def _first_grad_block(self, images: Tensor, key_bias: Tensor | None) -> int:
-        """Index of the first block that must run with autograd (0: everything does)."""
-        if images.requires_grad or (key_bias is not None and key_bias.requires_grad):
+        """Index of the first block that must run with autograd (0: everything does).
+
+        A bias that needs a gradient only enters the masked blocks, so the blocks before
+        them still run without autograd when their parameters are frozen.
+        """
+        if images.requires_grad:
             return 0
         bb = self.backbone
         stem = [bb.patch_embed, bb.norm_pre]
@@ -181,10 +175,11 @@ class MaskGuidedViT(nn.Module):
             t is not None and t.requires_grad for t in tokens
         ):
             return 0
-        for i, blk in enumerate(bb.blocks):
-            if any(p.requires_grad for p in blk.parameters()):
-                return i
-        return self.depth
+        first = next((i for i, blk in enumerate(bb.blocks) if any(p.requires_grad for p in blk.parameters())),
+                     self.depth)
+        if key_bias is not None and key_bias.requires_grad:
+            first = min(first, self.first_masked_block)
+        return first
 
     def tokens(self, images: Tensor) -> Tensor:
         """(B, N, D) token sequence entering block 0 (patch embedding, prefix tokens, pos-embed)."""
@@ -215,22 +210,24 @@ class MaskGuidedViT(nn.Module):
 
     def _run(self, images: Tensor, masks: Tensor | None, key_bias: Tensor | None) -> Tensor:
         start = self._first_grad_block(images, key_bias) if torch.is_grad_enabled() else 0
-        frozen = torch.no_grad() if start > 0 else contextlib.nullcontext()
-        attn_bias: Tensor | None = None
         blocks = self.backbone.blocks
-        with frozen:
+        with torch.no_grad() if start > 0 else contextlib.nullcontext():
             x = self.tokens(images)
-            if self.mask_layers > 0 and (masks is not None or key_bias is not None):
-                dtype = _attention_dtype(x)
-                if key_bias is None:
-                    key_bias = self.key_bias(masks, x.shape[1], dtype)  # type: ignore[arg-type]
-                elif key_bias.shape != x.shape[:2]:
-                    raise ValueError(f"key_bias must be (B, N) = {tuple(x.shape[:2])}, got {tuple(key_bias.shape)}")
-                attn_bias = cls_attention_bias(key_bias.to(dtype))
-            for i in range(min(start, self.depth)):
-                x = blocks[i](x, attn_mask=attn_bias if i >= self.first_masked_block else None)
-        with _bias_grad_safe_attention(attn_bias):
-            for i in range(start, self.depth):
-                x = blocks[i](x, attn_mask=attn_bias if i >= self.first_masked_block else None)
+        attn_bias: Tensor | None = None
+        if self.mask_layers > 0 and (masks is not None or key_bias is not None):
+            dtype = _attention_dtype(x)
+            if key_bias is None:
+                key_bias = self.key_bias(masks, x.shape[1], dtype)  # type: ignore[arg-type]
+            elif key_bias.shape != x.shape[:2]:
+                raise ValueError(f"key_bias must be (B, N) = {tuple(x.shape[:2])}, got {tuple(key_bias.shape)}")
+            attn_bias = cls_attention_bias(key_bias.to(dtype))  # outside no_grad: a learned bias keeps its graph
+            if attn_bias.requires_grad and attn_bias.is_cuda:
+                # the memory-efficient kernel's backward rejects the padded view at some
+                # lengths (197 tokens: "LSE is not correctly aligned"); a dense copy passes
+                attn_bias = attn_bias.contiguous()
+        for i, blk in enumerate(blocks):
+            bias = attn_bias if i >= self.first_masked_block else None
+            with torch.no_grad() if i < start else contextlib.nullcontext():
+                x = blk(x, attn_mask=bias)
         x = self.backbone.norm(x)
         return x[:, 0]
