@@ -6,10 +6,11 @@ Every arm runs ``ncd discover`` on the same six-class crops with the MTD benchma
 settings (``mtd_bench``) and fewer epochs (4 by default, so a study fits in one CPU run),
 changing one thing:
 
-- ``ncd`` study (AnomalyNCD mode): the benchmark's settings; without the k-means
-  prototype initialisation; without the labelled synthetic base set; with all 12
-  DINOv2 blocks (the saliency-tuned top kept, the last one trained) instead of 0-8;
-- ``proto`` study (ProtoAnomalyNCD mode), the CLS attention guidance: ``hard`` (the
+- ``ncd`` study (AnomalyNCD mode): the benchmark's settings (random prototype init, as
+  the paper); with the k-means prototype initialisation; without the labelled synthetic
+  base set; with all 12 DINOv2 blocks (the saliency-tuned top kept, the last one
+  trained) instead of 0-8;
+- ``proto`` study (ProtoAnomalyNCD mode, k-means prototype init), the CLS attention guidance: ``hard`` (the
   binary region mask), ``soft`` (the anomaly map, no region guidance factor), ``rgf``
   (the map with the learned region guidance factor) and ``rgf+object`` (the same with
   the built-in label-free object prior).
@@ -31,11 +32,11 @@ from mtd_common import prepare, run_arm
 STUDIES = {
     "ncd": (["method=anomalyncd"], {
         "mtd_bench": [],
-        "no_kmeans_init": ["train.kmeans_init=false"],
+        "kmeans_init": ["train.kmeans_init=true"],
         "no_base_set": ["train.base_table="],
         "all_12_blocks": ["model.keep_blocks=0", "model.grad_from_block=11"],
     }),
-    "proto": (["method=protoanomalyncd"], {
+    "proto": (["method=protoanomalyncd", "train.kmeans_init=true"], {
         "hard": ["proto.guidance=hard"],
         "soft": ["proto.guidance=soft"],
         "rgf": ["proto.guidance=rgf", "proto.object_prior=none"],

@@ -40,6 +40,7 @@ from ncd.region_table import read_regions
 from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 
 BASELINE_SIZES = (112, 224)
+PROTO_ARM = ["method=protoanomalyncd", "train.kmeans_init=true"]  # prototypes start from k-means (PROTO.md)
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
           f"{cfg.model.image_size} px, {cfg.train.epochs} epochs", flush=True)
 
     ncd, ncd_feats = run_arm(cfg, manifest, work, "ncd", ["method=anomalyncd"], seconds)
-    proto, proto_feats = run_arm(cfg, manifest, work, "proto", ["method=protoanomalyncd"], seconds)
+    proto, proto_feats = run_arm(cfg, manifest, work, "proto", PROTO_ARM, seconds)
 
     t0 = time.perf_counter()
     regions = read_regions(f"{work}/ncd/regions")
