@@ -281,6 +281,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def flat_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"a.b": value}`` (lists and tuples compare as lists)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], str]:
     """Split ``a.b=v`` into (["a", "b"], "v")."""
     if "=" not in text:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ncd import dist, io
 from ncd.augment import ViewSpec
-from ncd.config import ExperimentConfig, S3Config, to_dict
+from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
 from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
@@ -86,6 +86,25 @@ class LocalContext:
             return None
         files = [f for f in io.list_files(self.root, self.s3) if f.endswith("/" + CHECKPOINT_FILE)]
         return load_checkpoint(io.join(self.root, max(files)), self.s3) if files else None
+
+
+RESUME_FREE_KEYS = ("train.epochs", "train.loader_workers", "train.checkpoint_every")  # may change on resume
+
+
+def check_resumable(checkpoint: dict[str, Any], cfg: ExperimentConfig, class_map: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint trained with other settings or classes (a re-run in
+    the same output folder with a changed config would otherwise continue the old model)."""
+    saved, now = flat_dict(checkpoint.get("config", {})), flat_dict(to_dict(cfg))
+    sections = ("method", "model.", "loss.", "proto.", "train.")
+    differ = sorted(k for k in set(saved) | set(now) if k.startswith(sections) and k not in RESUME_FREE_KEYS
+                    and saved.get(k) != now.get(k))
+    old_map = {k: checkpoint.get("class_map", {}).get(k) for k in ("base_classes", "num_novel", "categories")}
+    if old_map != {k: class_map[k] for k in old_map}:
+        differ.append("classes (base classes, K or categories)")
+    if differ:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" if k in saved or k in now else k for k in differ)
+        raise ConfigError(f"the checkpoint in {cfg.output} was trained with other settings: {shown}; "
+                          "use another output folder, or remove its checkpoints to start again")
 
 
 @dataclass
@@ -172,6 +191,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     objective = make_objective(cfg, len(classes))
     temps = objective.teacher_temps
     resume = ctx.latest_checkpoint()
+    if resume is not None:
+        check_resumable(resume, cfg, class_map)
     if resume is None and tc.kmeans_init:
         init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
     model = model.to(ctx.device)

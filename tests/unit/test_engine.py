@@ -74,6 +74,21 @@ def test_resume_reproduces_uninterrupted_run(tables, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_resume_refuses_a_checkpoint_of_other_settings(tables, tmp_path):
+    from ncd.config import ConfigError
+
+    novel, base = tables
+    root = str(tmp_path / "ckpt")
+    train(_cfg("train.epochs=1", "train.checkpoint_every=1"), novel, base, LocalContext(root))
+    with pytest.raises(ConfigError, match=r"loss\.memax_weight \(4\.0 -> 2\.0\)"):
+        train(_cfg("train.epochs=2", "loss.memax_weight=2"), novel, base, LocalContext(root))
+    with pytest.raises(ConfigError, match="classes"):
+        train(_cfg("train.epochs=2"), novel, None, LocalContext(root))  # no base set: other classes
+    ctx = LocalContext(root)  # more epochs only: resumes
+    resumed = train(_cfg("train.epochs=2", "train.checkpoint_every=1"), novel, base, ctx)
+    assert [h["epoch"] for h in ctx.history] == [1] and len(resumed.history) == 2
+
+
 def test_skipped_batches_do_not_step(tables):
     novel, base = tables
     cfg = _cfg("train.epochs=1", "train.batch_size=1", "train.kmeans_init=false")
