@@ -19,15 +19,12 @@ Last line: JSON with each study's arms, each with ``nmi``, ``ari``, ``f1``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 
-from mtd_common import prepare, run_arm
+from mtd_common import bench_parser, prepare, run_arm, work_dir
 
 STUDIES = {
     "ncd": (["method=anomalyncd"], {
@@ -47,15 +44,12 @@ DEFAULTS = ["train.epochs=4", "loss.warmup_teacher_temp_epochs=3", "loss.repeat_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd")
+    parser = bench_parser(__doc__)
     parser.add_argument("--study", choices=[*STUDIES, "all"], default="all")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_ablation_"))
+    work = work_dir(args, "bench_ablation_")
     t0 = time.perf_counter()
     cfg, manifest = prepare(args.dataset, work, [*DEFAULTS, *args.overrides])
     seconds: dict[str, float] = {}

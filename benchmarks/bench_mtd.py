@@ -25,15 +25,12 @@ Last line: JSON with ``ncd``, ``proto`` and ``baseline`` (``nmi``, ``ari``, ``f1
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 
-from mtd_common import image_level, prepare, run_arm, strongest_baseline
+from mtd_common import bench_parser, image_level, prepare, run_arm, strongest_baseline, work_dir
 
 from ncd.k_estimation import estimate_k
 from ncd.region_table import read_regions
@@ -44,14 +41,11 @@ PROTO_ARM = ["method=protoanomalyncd", "train.kmeans_init=true"]  # prototypes s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
-    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_mtd_"))
+    work = work_dir(args, "bench_mtd_")
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -14,15 +14,12 @@ prototype similarity.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 
-from mtd_common import FREE_TYPE, arm, prepare
+from mtd_common import FREE_TYPE, arm, bench_parser, prepare, work_dir
 
 from ncd.pipeline import LOCAL_STAGES, base_set
 from ncd.openset_eval import open_set_protocol
@@ -31,16 +28,13 @@ DEFAULTS = ["method=protoanomalyncd", "train.epochs=4", "loss.warmup_teacher_tem
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--work", default=None)
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("ncd.model.backbone", "ncd.engine"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench_openset_"))
+    work = work_dir(args, "bench_openset_")
     t0 = time.perf_counter()
     cfg, manifest = prepare(args.dataset, work, [*DEFAULTS, *args.overrides])
     cfg = arm(cfg, work, "openset", [])

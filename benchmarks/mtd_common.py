@@ -2,8 +2,10 @@
 image-level pooling of region features, and the frozen-feature baselines."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +30,20 @@ SPLIT_SEED = 0
 BENCH_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ncd", "configs",
                             "mtd_bench.yaml")
 METRICS = ("nmi", "ari", "f1")
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The MTD benchmarks' command line: ``[dataset] [--set KEY=VALUE ...] [--work DIR]``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    return parser
+
+
+def work_dir(args: argparse.Namespace, prefix: str) -> str:
+    """``--work`` or a fresh temporary folder, absolute."""
+    return os.path.abspath(args.work or tempfile.mkdtemp(prefix=prefix))
 
 
 def test_split(manifest: pa.Table) -> pa.Table:
