@@ -48,6 +48,7 @@ STAMP_CHUNK = 64  # paths per metadata request batch
 STAMP_THREADS = 16  # concurrent metadata requests for s3:// inputs
 PART_DIGEST_CHARS = 16
 LOCAL_PART_IMAGES = 256  # images per Parquet part when preprocessing in one process
+ORDER_COLUMNS = ("image_id", "region_index")  # the canonical row order of a region table
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def write_regions(table: pa.Table, output: str, s3: S3Config | None = None) -> s
     """Write a whole region table to ``<output>/regions/`` (one folder per category, no
     completion records) atomically, replacing what was there; returns its URI."""
     dest = io.join(output, REGIONS_DIR)
-    staging = io.join(output, f"_staging-{uuid.uuid4().hex[:8]}")
+    staging = io.join(output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}")
     column = table.column("category")
     categories = sorted(set(column.to_pylist()))
     for category in categories:
@@ -311,6 +312,12 @@ def write_regions(table: pa.Table, output: str, s3: S3Config | None = None) -> s
     io.replace_dir(staging, dest, s3)
     return dest
 
+
+def canonical_order(table: pa.Table) -> pa.Table:
+    """``table`` sorted by ``ORDER_COLUMNS`` (the order ``read_regions`` returns)."""
+    return table.sort_by([(c, "ascending") for c in ORDER_COLUMNS])
+
+
 def read_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
     """A region table in canonical order: a Parquet file, or a folder of parts (one
     subfolder per category as written here, or flat); ``_``-prefixed entries (staging,
@@ -320,4 +327,4 @@ def read_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
     if missing:
         raise DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")
     table = table.select(REGION_SCHEMA.names).cast(REGION_SCHEMA)
-    return table.sort_by([("image_id", "ascending"), ("region_index", "ascending")])
+    return canonical_order(table)

@@ -28,11 +28,11 @@ from ncd.engine import view_spec
 from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state
+from ncd.region_table import ORDER_COLUMNS, canonical_order
 
 log = logging.getLogger(__name__)
 
 
-ORDER_COLUMNS = ("image_id", "region_index")  # a region table's canonical order (``read_regions``)
 ROW = "_row"  # position in an in-memory table, carried through the actors
 METADATA_COLUMNS = ("region_id", "image_id", "region_index", "category", "gt_type", "area")  # what predictions need
 
@@ -92,7 +92,7 @@ def region_metadata(uri: str, s3: S3Config | None = None) -> pa.Table:
     """The small columns of a region table (no crops), in canonical order, read in this process."""
     dataset, _, _ = _parquet_dataset(uri, list(METADATA_COLUMNS), s3)
     table = dataset.to_table(columns=list(METADATA_COLUMNS))
-    return table.sort_by([(c, "ascending") for c in ORDER_COLUMNS])
+    return canonical_order(table)
 
 
 def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: int = 1, use_gpu: bool = False,
