@@ -23,13 +23,12 @@ import time
 import warnings
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ncd.catalog import build_manifest  # noqa: E402
 from ncd.config import apply_overrides, load_config  # noqa: E402
-from ncd.data import HalfHalfSampler, TwoViewDataset, build_training_set  # noqa: E402
+from ncd.data import build_training_set, training_loader  # noqa: E402
 from ncd.engine import parameter_groups, train_step, view_spec  # noqa: E402
 from ncd.infer import autocast  # noqa: E402
 from ncd.method import make_objective  # noqa: E402
@@ -69,8 +68,7 @@ def main() -> None:
 
     base = _regions(write_base_set(f"{tmp}/base", dataclasses.replace(BASE_SPEC, images_per_family=6)), cfg)
     regions = build_training_set(novel, base)
-    dataset = TwoViewDataset(regions, view_spec(cfg), seed=0)
-    loader = DataLoader(dataset, batch_size=batch, sampler=HalfHalfSampler(regions.labelled, seed=0))
+    loader = training_loader(regions, view_spec(cfg), seed=0, batch_size=batch, workers=0)
     t0 = time.perf_counter()
     batches = [b for _, b in zip(range(3), loader)]
     loader_samples_per_s = 3 * batch / (time.perf_counter() - t0)

@@ -14,11 +14,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ncd.augment import ViewSpec, eval_view, train_view
 
 UNLABELLED = -1
+DRAW_SEED_STREAM = 0x5EED  # separates the augmentation seeds from other streams of the same (seed, epoch)
 
 
 @dataclass(frozen=True)
@@ -96,19 +97,22 @@ def eval_set(table: pa.Table, guide_columns: tuple[str, ...] = ()) -> RegionSet:
 
 
 class TwoViewDataset(Dataset):
-    """Two independently augmented views per sample; randomness seeded by (seed, epoch, index)."""
+    """Two independently augmented views per sample.
 
-    def __init__(self, regions: RegionSet, spec: ViewSpec, seed: int = 0) -> None:
-        self.regions, self.spec, self.seed, self.epoch = regions, spec, seed, 0
+    Keys are ``(index, draw_seed)`` pairs from :class:`HalfHalfSampler`: the randomness
+    travels with the index into whichever loader worker fetches it, so every draw (a
+    repeated index, a new epoch) gets fresh views, reproducible for any worker count.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, regions: RegionSet, spec: ViewSpec) -> None:
+        self.regions, self.spec = regions, spec
 
     def __len__(self) -> int:
         return len(self.regions)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, draw_seed = key
+        g = torch.Generator().manual_seed(draw_seed)
         img, mask = self.regions.load(i)
         views = [train_view(img, mask, self.spec, g) for _ in range(2)]
         return dict(images=torch.stack([v[0] for v in views]), masks=torch.stack([v[1] for v in views]),
@@ -139,12 +143,13 @@ def sampling_weights(labelled: np.ndarray) -> np.ndarray:
     return np.where(labelled, 1.0, n_lab / n_unl)
 
 
-class HalfHalfSampler(Sampler[int]):
+class HalfHalfSampler(Sampler[tuple[int, int]]):
     """Weighted sampling with replacement, split over ranks (``WeightedRandomSampler`` per rank).
 
     Each rank draws ``ceil(N / world_size)`` indices per epoch from its own seeded
     generator. Without labelled rows (or without unlabelled ones) it is a seeded
-    shuffle split over ranks instead.
+    shuffle split over ranks instead. Every draw comes with its own augmentation seed,
+    derived from (seed, epoch, rank, position): ``(index, draw_seed)`` pairs.
     """
 
     def __init__(self, labelled: np.ndarray, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -159,12 +164,29 @@ class HalfHalfSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch."""
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
         if self.mixed:
-            yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
-            return
+            return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()
         shared = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729)
         perm = torch.randperm(len(self.weights), generator=shared)
         padded = torch.cat([perm, perm[: self.num_samples * self.world_size - len(perm)]])
-        yield from padded[self.rank::self.world_size].tolist()
+        return padded[self.rank::self.world_size].tolist()
+
+    def draw_seeds(self) -> list[int]:
+        """One augmentation seed per position of this rank's epoch."""
+        stream = np.random.SeedSequence([self.seed, self.epoch, self.rank, DRAW_SEED_STREAM])
+        return [int(s) for s in stream.generate_state(self.num_samples, np.uint64)]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        yield from zip(self.indices(), self.draw_seeds())
+
+
+def training_loader(regions: RegionSet, spec: ViewSpec, *, seed: int, batch_size: int, workers: int,
+                    rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Two-view batches of ``batch_size // world_size`` rows; call ``loader.sampler.set_epoch``
+    before each epoch (the sampler lives in this process, so persistent workers follow it)."""
+    sampler = HalfHalfSampler(regions.labelled, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(TwoViewDataset(regions, spec), batch_size=max(1, batch_size // world_size), sampler=sampler,
+                      num_workers=workers, drop_last=False, persistent_workers=workers > 0, pin_memory=pin_memory)

@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ncd import dist, io
 from ncd.augment import ViewSpec
 from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
-from ncd.data import HalfHalfSampler, TwoViewDataset, base_classes, build_training_set, eval_set
+from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
 from ncd.method import Objective, build_model, guide_columns, make_objective
@@ -206,11 +205,9 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     net = ctx.prepare_model(model)
 
     regions = build_training_set(novel, base, guide_columns(cfg))
-    dataset = TwoViewDataset(regions, view_spec(cfg), seed=tc.seed)
-    sampler = HalfHalfSampler(regions.labelled, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size)
-    loader = DataLoader(dataset, batch_size=max(1, tc.batch_size // ctx.world_size), sampler=sampler,
-                        num_workers=tc.loader_workers, drop_last=False, persistent_workers=tc.loader_workers > 0,
-                        pin_memory=ctx.device.type == "cuda")
+    loader = training_loader(regions, view_spec(cfg), seed=tc.seed, batch_size=tc.batch_size,
+                             workers=tc.loader_workers, rank=ctx.rank, world_size=ctx.world_size,
+                             pin_memory=ctx.device.type == "cuda")
     need_both = base is not None
     head_losses = [math.nan] * cfg.model.n_head
     gather = ctx.world_size > 1
@@ -219,8 +216,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         lr = cosine_lr(epoch, tc.lr, tc.epochs, tc.eta_min_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         net.train()
         sums: dict[str, Any] = {}
         head_sum: torch.Tensor | float = 0.0
