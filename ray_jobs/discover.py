@@ -12,12 +12,11 @@ import os
 import pyarrow as pa
 import ray
 
-from ncd import io
-from ncd.config import ExperimentConfig, apply_overrides
+from ncd.config import ExperimentConfig
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
-from ncd.pipeline import LOCAL_STAGES, SYNTHETIC_BASE, Stages, discover, summary_text
+from ncd.pipeline import LOCAL_STAGES, Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
-from ncd.region_table import REGIONS_DIR, read_regions
+from ncd.region_table import read_regions
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import run_train
@@ -32,10 +31,8 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
         return read_regions(run_preprocess(cfg, manifest), cfg.s3)
 
     def train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:
-        regions_uri = io.join(cfg.preprocess.output, "regions")
-        if base is not None and cfg.train.base_table == SYNTHETIC_BASE:  # preprocessed by base_set()
-            cfg = apply_overrides(cfg, [f"train.base_table={io.join(cfg.output, 'base', REGIONS_DIR)}"])
-        result = run_train(cfg, regions_uri, num_workers, use_gpu, cpus_per_worker=cpus_per_worker)
+        # the workers train on exactly these tables (a category's part, an open-set split)
+        result = run_train(cfg, regions, num_workers, use_gpu, cpus_per_worker=cpus_per_worker, base=base)
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}")
         with result.checkpoint.as_directory() as d:

@@ -34,18 +34,21 @@ log = logging.getLogger(__name__)
 
 
 class RayTrainContext:
-    """``ncd.engine.RunContext`` on a Ray Train worker."""
+    """``ncd.engine.RunContext`` on a Ray Train worker; every report carries ``novel_regions``,
+    the number of unlabelled regions this worker trains on."""
 
-    def __init__(self) -> None:
+    def __init__(self, novel_regions: int) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.novel_regions = novel_regions
         self.history: list[dict[str, Any]] = []
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
+        metrics = {**metrics, "novel_regions": self.novel_regions}
         self.history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             if checkpoint is None:
@@ -62,28 +65,42 @@ class RayTrainContext:
             return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Per-worker function: read the region tables, run the shared loop."""
-    cfg = from_dict(ExperimentConfig, config["cfg"])
+def worker_tables(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[pa.Table, pa.Table | None]:
+    """The novel and base tables a worker trains on: exactly the tables the driver handed
+    over (object refs), or, given a URI, the stored table (``data.categories`` filters it)
+    and ``train.base_table``."""
+    if isinstance(config["regions"], ray.ObjectRef):
+        return ray.get(config["regions"]), (ray.get(config["base"]) if config.get("base") is not None else None)
     novel = read_regions(config["regions"], cfg.s3)
-    if cfg.data.categories:  # one category's model (discover with train.per_category)
+    if cfg.data.categories:  # one category's model
         novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
-    base = read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None
-    train(cfg, novel, base, RayTrainContext())
+    return novel, (read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None)
 
 
-def build_trainer(cfg: ExperimentConfig, regions_uri: str, num_workers: int, use_gpu: bool,
+def train_worker(config: dict[str, Any]) -> None:
+    """Per-worker function: the region tables, then the shared loop."""
+    cfg = from_dict(ExperimentConfig, config["cfg"])
+    novel, base = worker_tables(config, cfg)
+    train(cfg, novel, base, RayTrainContext(novel.num_rows))
+
+
+def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int, use_gpu: bool,
                   storage_path: str | None = None, name: str | None = None, max_failures: int = 2,
-                  cpus_per_worker: float = 1.0) -> TorchTrainer:
+                  cpus_per_worker: float = 1.0, base: pa.Table | None = None) -> TorchTrainer:
+    """``regions`` (and ``base``) as tables go to the workers through the object store, as
+    they are; as a URI, each worker reads it (``base`` then comes from ``train.base_table``)."""
     cfg = absolute_paths(cfg)
-    regions_uri = io.absolute(regions_uri)
+    loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "regions": (ray.put(regions) if isinstance(regions, pa.Table)
+                                                                    else io.absolute(regions))}
+    if isinstance(regions, pa.Table):
+        loop_config["base"] = None if base is None else ray.put(base)
     storage = io.absolute(storage_path or io.join(cfg.output, "ray_train"))
     # s3://: ncd's filesystem (endpoint, credentials from cfg.s3) and, as Ray requires with a
     # custom ``storage_filesystem``, the path inside it ("bucket/prefix", no scheme).
     filesystem, fs_path = io.filesystem(storage, cfg.s3) if io.is_s3(storage) else (None, storage)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": to_dict(cfg), "regions": regions_uri},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name or cfg.name, storage_path=fs_path, storage_filesystem=filesystem,
@@ -92,9 +109,10 @@ def build_trainer(cfg: ExperimentConfig, regions_uri: str, num_workers: int, use
     )
 
 
-def run_train(cfg: ExperimentConfig, regions_uri: str, num_workers: int = 1, use_gpu: bool = False, **kwargs: Any):
-    """Fit on the current Ray cluster; returns the ``ray.train.Result``."""
-    return build_trainer(cfg, regions_uri, num_workers, use_gpu, **kwargs).fit()
+def run_train(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int = 1, use_gpu: bool = False,
+              **kwargs: Any):
+    """Fit on the current Ray cluster; returns the ``ray.train.Result`` (see ``build_trainer``)."""
+    return build_trainer(cfg, regions, num_workers, use_gpu, **kwargs).fit()
 
 
 def main(argv: list[str] | None = None) -> None:

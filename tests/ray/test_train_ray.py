@@ -36,3 +36,28 @@ def test_ray_train_two_workers_checkpoints_and_resumes(demo_root, ray_local, tmp
     final = _latest(second)
     assert [h["epoch"] for h in final["history"]] == [0, 1, 2], "the resumed run must continue at epoch 2"
     assert [h["loss"] for h in final["history"][:2]] == [h["loss"] for h in saved["history"]]
+
+
+def test_ray_train_stage_trains_on_the_table_it_is_handed(demo_root, ray_local, tmp_path):
+    """A filtered table (one category, one type held out, as the open-set protocol passes)
+    must reach the workers, although the full table sits in <preprocess.output>/regions."""
+    import pyarrow.compute as pc
+
+    from ray_jobs.discover import ray_stages
+    from ray_jobs.train import run_train
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", f"output={tmp_path}",
+                                                      f"preprocess.output={tmp_path / 'pp'}", "train.epochs=1",
+                                                      "train.checkpoint_every=0", "train.num_novel=2"])
+    table = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data)
+    write_regions(table, str(tmp_path / "pp" / "regions"))
+    plate = table.filter(pc.equal(table.column("category"), "plate"))
+    held_out = sorted(set(plate.column("gt_type").to_pylist()))[0]
+    seen = plate.filter(pc.not_equal(plate.column("gt_type"), held_out))
+    assert 0 < seen.num_rows < plate.num_rows < table.num_rows
+
+    result = run_train(cfg, seen, num_workers=1, cpus_per_worker=1, name="handed")
+    assert result.error is None and result.metrics["novel_regions"] == seen.num_rows
+    trained = ray_stages(1, cpus_per_worker=1).train(cfg, seen, None)
+    assert trained.class_map["categories"] == ["plate"]
+    assert trained.class_map["num_base"] == 0  # no base table handed: none used
