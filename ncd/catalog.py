@@ -61,7 +61,11 @@ def _generic_key(rel: str) -> tuple[str, str, str] | None:
     return parts[0], parts[1], "/".join(parts[2:-1] + [_stem(parts[-1])])
 
 
-def _pair(images: dict, maps: dict, images_root: str, maps_root: str) -> list[tuple[tuple[str, str, str], str, str]]:
+def _pair(images: dict, maps: dict, images_root: str, maps_root: str,
+          categories: tuple[str, ...] = ()) -> list[tuple[tuple[str, str, str], str, str]]:
+    if categories:  # unselected categories need no maps
+        images = {k: v for k, v in images.items() if k[0] in categories}
+        maps = {k: v for k, v in maps.items() if k[0] in categories}
     missing_maps = sorted(set(images) - set(maps))
     if missing_maps:
         k = missing_maps[0]
@@ -93,7 +97,8 @@ def _select(rows: list[dict], categories: tuple[str, ...]) -> list[dict]:
     return [r for r in rows if r["category"] in categories]
 
 
-def catalog_generic(root: str, maps_root: str = "", s3: S3Config | None = None) -> list[dict]:
+def catalog_generic(root: str, maps_root: str = "", s3: S3Config | None = None,
+                    categories: tuple[str, ...] = ()) -> list[dict]:
     """``<root>/images/<category>/<type>/<name>`` + ``<root>/maps/...`` (+ optional ``masks/``)."""
     images_root = io.join(root, "images")
     maps_root = maps_root or io.join(root, "maps")
@@ -104,7 +109,7 @@ def catalog_generic(root: str, maps_root: str = "", s3: S3Config | None = None) 
     if io.is_dir(masks_root, s3):
         masks = _index_by_key(masks_root, io.list_files(masks_root, s3, io.IMAGE_EXTENSIONS), _generic_key, "mask")
     rows = []
-    for (cat, typ, stem), img_rel, map_rel in _pair(images, maps, images_root, maps_root):
+    for (cat, typ, stem), img_rel, map_rel in _pair(images, maps, images_root, maps_root, categories):
         mask_rel = masks.get((cat, typ, stem))
         rows.append(dict(image_id=f"{cat}/{typ}/{stem}", image_uri=io.join(images_root, img_rel),
                          map_uri=io.join(maps_root, map_rel), category=cat, gt_type=typ,
@@ -232,7 +237,7 @@ def build_manifest(cfg: DataConfig, s3: S3Config | None = None) -> pa.Table:
         if not cfg.root:
             raise DataError(f"data.root is required for the {cfg.layout} layout")
         if cfg.layout == "generic":
-            rows = catalog_generic(cfg.root, cfg.maps, s3)
+            rows = catalog_generic(cfg.root, cfg.maps, s3, cfg.categories)
         elif cfg.layout == "mvtec":
             rows = catalog_mvtec(cfg.root, cfg.maps, s3)
         elif cfg.layout == "realiad":
@@ -247,3 +252,48 @@ def build_manifest(cfg: DataConfig, s3: S3Config | None = None) -> pa.Table:
     log.info("catalog: %d images in %d categories (%s)", len(rows), len(counts),
              ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())))
     return _rows_to_table(rows)
+
+
+def catalog_images(cfg: DataConfig, s3: S3Config | None = None) -> list[dict]:
+    """The images of a dataset without their maps (for ``ncd detect``): rows with
+    ``image_id``, ``image_uri``, ``category``, ``gt_type``, ``gt_mask_uri``.
+    Layouts generic, mvtec and mtd; ``data.categories`` selects."""
+    if not cfg.root:
+        raise DataError(f"data.root is required for the {cfg.layout} layout")
+    if cfg.layout == "mtd":
+        rows = catalog_mtd_images(cfg.root, s3)
+    elif cfg.layout == "generic":
+        images_root, masks_root = io.join(cfg.root, "images"), io.join(cfg.root, "masks")
+        images = _index_by_key(images_root, io.list_files(images_root, s3, io.IMAGE_EXTENSIONS), _generic_key, "image")
+        masks: dict = {}
+        if io.is_dir(masks_root, s3):
+            masks = _index_by_key(masks_root, io.list_files(masks_root, s3, io.IMAGE_EXTENSIONS), _generic_key, "mask")
+        rows = [dict(image_id=f"{c}/{t}/{s}", image_uri=io.join(images_root, rel), category=c, gt_type=t,
+                     gt_mask_uri=io.join(masks_root, masks[(c, t, s)]) if (c, t, s) in masks else "")
+                for (c, t, s), rel in sorted(images.items())]
+    elif cfg.layout == "mvtec":
+        files = io.list_files(cfg.root, s3, io.IMAGE_EXTENSIONS)
+        present = set(files)
+        rows = []
+        for rel in files:
+            parts = rel.split("/")
+            if len(parts) != 4 or parts[1] != "test" or parts[2] in MVTEC_SKIPPED_TYPES:
+                continue
+            cat, typ, stem = parts[0], parts[2], _stem(parts[3])
+            mask_rel = f"{cat}/ground_truth/{typ}/{stem}_mask.png"
+            rows.append(dict(image_id=f"{cat}/{typ}/{stem}", image_uri=io.join(cfg.root, rel), category=cat,
+                             gt_type=typ, gt_mask_uri=io.join(cfg.root, mask_rel) if mask_rel in present else ""))
+    else:
+        raise DataError(f"ncd detect reads the generic, mvtec and mtd layouts, not {cfg.layout!r} (data.layout); "
+                        "bring maps for this one")
+    if not rows:
+        raise DataError(f"no images found under {cfg.root} ({cfg.layout} layout)")
+    return _select(rows, cfg.categories)
+
+
+def layout_has_maps(cfg: DataConfig, s3: S3Config | None = None) -> bool:
+    """Whether the catalog finds anomaly maps: ``data.maps`` is set, the generic layout has
+    ``<root>/maps``, or the layout is realiad / manifest (their maps are required inputs)."""
+    if cfg.maps or cfg.layout in ("realiad", "manifest"):
+        return True
+    return cfg.layout == "generic" and io.is_dir(io.join(cfg.root, "maps"), s3)

