@@ -154,17 +154,21 @@ def catalog_mvtec(root: str, maps_root: str, s3: S3Config | None = None) -> list
 
 def _mtd_image_key(rel: str) -> tuple[str, str, str] | None:
     parts = rel.split("/")
-    if len(parts) != 3 or parts[1] != "Imgs" or not parts[0].startswith("MT_") or not rel.lower().endswith(".jpg"):
+    if len(parts) != 3 or parts[1] != "Imgs" or not rel.lower().endswith(".jpg"):
         return None
     return MTD_CATEGORY, parts[0], _stem(parts[2])
 
 
 def catalog_mtd_images(root: str, s3: S3Config | None = None) -> list[dict]:
-    """MTD images as published (``<root>/MT_<Type>/Imgs/<name>.jpg``, gt mask ``<name>.png`` beside
-    it), without maps: rows with ``image_id``, ``image_uri``, ``category``, ``gt_type``, ``gt_mask_uri``."""
+    """Images of an MTD-style folder, ``<root>/<Type>/Imgs/<name>.jpg`` with the gt mask
+    ``<name>.png`` beside it (MTD as published names its types ``MT_<Type>``; any type name
+    works, e.g. DeepPCB's), without maps: rows with ``image_id``, ``image_uri``, ``category``
+    (always ``MTD``, the layout's), ``gt_type`` (the folder name), ``gt_mask_uri``."""
     files = io.list_files(root, s3, (".jpg", ".png"))
     present = set(files)
     images = _index_by_key(root, files, _mtd_image_key, "image")
+    if not images:
+        raise DataError(f"no <Type>/Imgs/<name>.jpg images under {root} (data.layout=mtd)")
     rows = []
     for (cat, typ, stem), rel in sorted(images.items()):
         mask_rel = f"{typ}/Imgs/{stem}.png"
@@ -174,8 +178,8 @@ def catalog_mtd_images(root: str, s3: S3Config | None = None) -> list[dict]:
 
 
 def catalog_mtd(root: str, maps_root: str, s3: S3Config | None = None) -> list[dict]:
-    """MTD as published, one category ``MTD``; maps in ``<maps>/MT_<Type>/<name>.<ext>`` or
-    ``<maps>/MTD/MT_<Type>/<name>.<ext>``."""
+    """An MTD-style folder (:func:`catalog_mtd_images`), one category ``MTD``; maps in
+    ``<maps>/<Type>/<name>.<ext>`` or ``<maps>/MTD/<Type>/<name>.<ext>``."""
     if not maps_root:
         raise DataError("data.maps is required for the mtd layout (anomaly maps root)")
     rows = {(r["category"], r["gt_type"], r["image_id"].rsplit("/", 1)[1]): r for r in catalog_mtd_images(root, s3)}

@@ -127,3 +127,40 @@ def test_manifest_csv_relative_uris(tmp_path):
     pacsv.write_csv(bad, tmp_path / "bad.csv")
     with pytest.raises(DataError, match="lacks column.*map_uri"):
         build_manifest(DataConfig(layout="manifest", manifest=str(tmp_path / "bad.csv")))
+
+
+def test_mtd_layout_takes_any_type_folder(tmp_path):
+    """An MTD-style folder without the ``MT_`` prefix (DeepPCB's layout): every ``<Type>/Imgs``
+    folder is a type, masks pair by stem, and stray files at the root are ignored."""
+    root, maps = tmp_path / "data", tmp_path / "maps"
+    for typ, stems in {"Open": ["a", "b"], "Short": ["a"]}.items():
+        for s in stems:
+            _img(root / typ / "Imgs" / f"{s}.jpg")
+            _map(maps / typ / f"{s}.npy")
+    cv2.imwrite(str(root / "Open" / "Imgs" / "a.png"), np.zeros((16, 16), np.uint8))
+    (root / "manifest.csv").write_text("type\n")
+    rows = {r["image_id"]: r for r in build_manifest(DataConfig(layout="mtd", root=str(root), maps=str(maps))).to_pylist()}
+    assert sorted(rows) == ["MTD/Open/a", "MTD/Open/b", "MTD/Short/a"]
+    assert [rows[k]["gt_type"] for k in sorted(rows)] == ["Open", "Open", "Short"]
+    assert rows["MTD/Open/a"]["gt_mask_uri"].endswith("Open/Imgs/a.png")
+    assert rows["MTD/Open/b"]["gt_mask_uri"] == ""
+    with pytest.raises(DataError, match="no <Type>/Imgs/<name>.jpg images under"):
+        build_manifest(DataConfig(layout="mtd", root=str(tmp_path / "maps"), maps=str(maps)))
+
+
+def test_gt_maps_pair_with_an_mtd_style_folder(tmp_path):
+    """Maps made from the gt masks of a folder without the MT_ prefix pair with every image."""
+    from ncd.catalog import catalog_mtd_images
+    from ncd.gt_maps import write_gt_maps
+
+    root = tmp_path / "pcb"
+    for typ in ("Open", "Spur"):
+        _img(root / typ / "Imgs" / "x1.jpg", 20, 24)
+        mask = np.zeros((20, 24), np.uint8)
+        mask[5:9, 6:12] = 255
+        cv2.imwrite(str(root / typ / "Imgs" / "x1.png"), mask)
+    write_gt_maps(catalog_mtd_images(str(root)), tmp_path / "maps")
+    rows = build_manifest(DataConfig(layout="mtd", root=str(root), maps=str(tmp_path / "maps"))).to_pylist()
+    assert [r["map_uri"].rsplit("/", 2)[-2:] for r in rows] == [["Open", "x1.npy"], ["Spur", "x1.npy"]]
+    m = np.load(rows[0]["map_uri"])
+    assert m.shape == (10, 12) and m[3, 4] > m[9, 0]  # half resolution, hot on the defect
