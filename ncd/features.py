@@ -1,0 +1,155 @@
+"""Frozen features of region crops: pooled tokens of chosen ViT blocks, or a CNN's pooled map.
+
+One forward pass per batch gives every requested block (timm ``forward_intermediates``,
+final norm applied, as DINOv2's linear probes). Per block, three poolings:
+
+- ``cls``: the class token;
+- ``mean_patch``: the mean of the patch tokens;
+- ``mask_patch``: the patch tokens weighted by the share of each patch the region mask
+  covers (the mask column of the region table, soft values kept); a region whose mask
+  covers no patch of the view falls back to the plain mean.
+
+A CNN (e.g. EfficientNet-Lite0, :func:`ncd.model.weights.load_efficientnet_lite0`) gives
+``pool`` (mean of its last feature map) and ``mask_pool`` (the same, mask-weighted).
+
+Views (``view``): ``eval``, ncd's deterministic test view (:func:`ncd.augment.eval_view`:
+shorter side to size / crop_pct, then a size x size crop), or ``resize``, the whole crop
+resized to size x size. Inputs are normalised with the backbone's own mean and std
+(``pretrained_cfg``; ImageNet's when it has none).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ncd.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_view
+from ncd.data import RegionSet, eval_set
+
+VIEWS = ("eval", "resize")
+VIT_POOLINGS = ("cls", "mean_patch", "mask_patch")
+CNN_POOLINGS = ("pool", "mask_pool")
+
+
+def resize_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole crop resized to ``spec.size`` square (aspect not kept); image (3,H,W) uint8,
+    mask (C,H,W) in [0,1] -> normalised image (3,S,S) float32 and mask (C,S,S)."""
+    size = [spec.size, spec.size]
+    image = TF.resize(image, size, antialias=True)
+    mask = TF.resize(mask, size, antialias=True)
+    image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(spec.mean), list(spec.std))
+    return image, mask.clamp(0, 1)
+
+
+class RegionViews(Dataset):
+    """One deterministic view (``eval`` or ``resize``) of every crop, with its region mask."""
+
+    def __init__(self, regions: RegionSet, spec: ViewSpec, view: str) -> None:
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+        self.regions, self.spec, self.view = regions, spec, view
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, masks = self.regions.load(i)
+        fn = eval_view if self.view == "eval" else resize_view
+        image, masks = fn(image, masks[:1], self.spec)
+        return image, masks
+
+
+def mask_weights(masks: torch.Tensor, patch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B,1,S,S) masks -> (B, gh*gw) share of each patch covered, row-major as ViT tokens.
+
+    Pixels beyond ``grid * patch`` (a size that is not a multiple of the patch) are
+    dropped, as the patch embedding drops them.
+    """
+    gh, gw = grid
+    cover = F.avg_pool2d(masks[:, :1, : gh * patch, : gw * patch].float(), patch)
+    return cover.flatten(1)
+
+
+def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B,N,D) tokens, (B,N) non-negative weights -> (B,D) weighted mean; rows whose weights
+    sum to zero get the plain mean."""
+    total = weights.sum(1, keepdim=True)
+    w = torch.where(total > 0, weights / total.clamp_min(1e-12), torch.full_like(weights, 1.0 / weights.shape[1]))
+    return torch.einsum("bn,bnd->bd", w, tokens)
+
+
+def _spec(backbone: nn.Module, size: int, crop_pct: float) -> ViewSpec:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return ViewSpec(size=size, crop_pct=crop_pct, mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                    std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+def _vit_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+               blocks: Sequence[int]) -> dict[str, torch.Tensor]:
+    out = backbone.forward_intermediates(images, indices=list(blocks), return_prefix_tokens=True, norm=True,
+                                         output_fmt="NLC", intermediates_only=True)
+    patch = backbone.patch_embed.patch_size[0]
+    n = out[0][0].shape[1]
+    grid = tuple(backbone.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"patch grid {grid} does not match {n} patch tokens")
+    weights = mask_weights(masks, patch, grid)
+    feats = {}
+    for b, (tokens, prefix) in zip(blocks, out):
+        feats[f"block{b}/cls"] = prefix[:, 0]
+        feats[f"block{b}/mean_patch"] = tokens.mean(1)
+        feats[f"block{b}/mask_patch"] = weighted_mean(tokens, weights)
+    return feats
+
+
+def _cnn_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    fmap = backbone.forward_features(images)  # (B,C,h,w)
+    tokens = fmap.flatten(2).transpose(1, 2)  # (B,h*w,C)
+    weights = F.adaptive_avg_pool2d(masks[:, :1].float(), fmap.shape[-2:]).flatten(1)
+    return {"pool": tokens.mean(1), "mask_pool": weighted_mean(tokens, weights)}
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is a timm ViT (token features) rather than a CNN (feature maps)."""
+    return hasattr(backbone, "patch_embed") and hasattr(backbone, "forward_intermediates")
+
+
+@torch.no_grad()
+def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, blocks: Sequence[int] = (),
+                           size: int = 224, view: str = "eval", *, crop_pct: float = 0.875,
+                           batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Frozen features of every region crop, one forward pass per batch for all blocks.
+
+    Args:
+        regions: a region table (``region_id``, ``crop_png``, ``mask_png``) or a RegionSet.
+        backbone: a timm ViT built for ``size`` px (``blocks`` index its blocks, 0-based) or a
+            CNN with ``forward_features`` (``blocks`` must be empty).
+        size: input side in pixels; view: ``eval`` or ``resize`` (module docstring).
+
+    Returns:
+        {variant: (N, D) float32}: ``block<b>/<cls|mean_patch|mask_patch>`` for a ViT,
+        ``pool`` and ``mask_pool`` for a CNN, rows in the table's order.
+    """
+    vit = is_vit(backbone)
+    if vit and not blocks:
+        raise ValueError("frozen_region_features: name the ViT blocks to read (e.g. blocks=range(4, 9))")
+    if not vit and blocks:
+        raise ValueError("frozen_region_features: blocks apply to a ViT only; this backbone is a CNN")
+    if vit and max(blocks) >= len(backbone.blocks):
+        raise ValueError(f"block {max(blocks)} out of range: the backbone has {len(backbone.blocks)} blocks")
+    data = regions if isinstance(regions, RegionSet) else eval_set(regions)
+    loader = DataLoader(RegionViews(data, _spec(backbone, size, crop_pct), view), batch_size=batch_size)
+    backbone = backbone.eval().to(device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for images, masks in loader:
+        images, masks = images.to(device), masks.to(device)
+        feats = _vit_batch(backbone, images, masks, blocks) if vit else _cnn_batch(backbone, images, masks)
+        for k, v in feats.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
