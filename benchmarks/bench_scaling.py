@@ -77,7 +77,7 @@ MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random", "model.
 NUM_BASE, NUM_NOVEL = 0, 5
 TRAIN_EPOCHS = 4  # extra epochs timed on CUDA
 TRAIN = ["model.image_size=224", "train.batch_size=64", "train.loader_workers=4", "train.amp=true",
-         "train.kmeans_init=false", "train.checkpoint_every=0"]
+         "train.kmeans_init=false", "train.checkpoint_every=0", f"train.num_novel={NUM_NOVEL}"]
 
 
 def _best(fn: Callable[[], object], repeats: int = REPEATS) -> float:

@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid."""
 
 
+K_AUTO, K_ORACLE = "auto", "gt"  # train.num_novel: estimated without labels / the ground-truth type count
+AUTO = "auto"  # train.kmeans_init: the method's default
+
+
 @dataclass(frozen=True)
 class S3Config:
     """Where ``s3://`` URIs live. Empty fields fall back to the usual AWS environment."""
@@ -123,10 +127,10 @@ class TrainConfig:
     eta_min_ratio: float = 1e-3
     seed: int = 3407
     loader_workers: int = 2
-    num_novel: int = 0  # K; 0: the number of ground-truth types; -1: estimated
+    num_novel: int | str = "auto"  # K: a number, "auto" (estimated, label-free) or "gt" (oracle: the gt type count)
     per_category: bool = True  # one model per category (the paper); false: one model for all
     base_table: str = ""  # labelled base region table; "" trains without labelled terms
-    kmeans_init: bool = False  # FAISS k-means prototype init (off in parity)
+    kmeans_init: bool | str = "auto"  # FAISS k-means prototype init; auto: on in protoanomalyncd mode, off in anomalyncd (parity)
     checkpoint_every: int = 10
     amp: bool = True  # bf16 autocast on CUDA only
 
@@ -138,7 +142,7 @@ class InferConfig:
     area_temperature: float = 50.0  # 100 for MVTec AD
     unknown_threshold: float = 0.0  # 0 disables the "unknown" label
     batch_size: int = 64
-    k_min: int = 2  # K estimation range (train.num_novel = -1 estimates K)
+    k_min: int = 2  # K estimation range of the silhouette (train.num_novel=auto, AnomalyNCD mode)
     k_max: int = 12
 
 
@@ -153,13 +157,13 @@ class ProtoConfig:
     rgf_gain: float = 4.0  # initial extra bias per unit of pooled anomaly score
     rgf_learnable: bool = True
     guidance: str = "rgf"  # rgf | soft (map without RGF) | hard (AnomalyNCD mask)
-    kappa: float = 10.0  # vMF concentration: logits = kappa * cos
+    kappa: float = 10.0  # vMF concentration: logits = kappa * cos (training and the posterior at inference)
     separation_weight: float = 0.1
     separation_temp: float = 0.1
     entropy_weight: float = 4.0
     hard_ratio_start: float = 0.0  # share of confident samples given hard pseudo labels, ramped
     hard_ratio_end: float = 1.0
-    k_min: int = 2
+    k_min: int = 2  # K range of the prototype score (train.num_novel=auto in this mode)
     k_max: int = 12
 
 
@@ -245,7 +249,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for tp_ in inner[:-1]:  # the first member type that reads the value (int | str: 6 or "auto")
+            try:
+                return _coerce(value, tp_, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin is tuple:
         (item_tp, *_rest) = typing.get_args(tp)
         if isinstance(value, str):

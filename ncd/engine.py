@@ -22,9 +22,10 @@ from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_di
 from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
-from ncd.method import Objective, build_model, guide_columns, make_objective
+from ncd.method import Objective, build_model, guide_columns, kmeans_init, make_objective
 from ncd.model.ncd_model import NCDModel
 from ncd.schedules import cosine_lr
+from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -115,14 +116,29 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def num_novel_classes(novel: pa.Table, requested: int) -> int:
-    """K: the configured value, else the number of ground-truth types in the novel table."""
-    if requested > 0:
-        return requested
-    types = {t for t in novel.column("gt_type").to_pylist() if t}
-    if not types:
-        raise ValueError("train.num_novel is 0 and the region table has no gt types: set train.num_novel (K)")
-    return len(types)
+def num_novel_classes(cfg: ExperimentConfig) -> int:
+    """K, a number: ``auto`` and ``gt`` are resolved before training (``ncd.pipeline.choose_k``),
+    so that every rank of a run trains with the same K and the entry point reports how it was chosen."""
+    k = cfg.train.num_novel
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"train.num_novel={k!r} reached training unresolved: resolve K first "
+                          "(ncd.pipeline.choose_k) or set train.num_novel to a positive number")
+    return k
+
+
+class TrainingError(RuntimeError):
+    """Training cannot produce a usable model (a non-finite loss, no usable batch)."""
+
+
+def check_finite(step_finite: list[torch.Tensor], epoch: int, loss: float) -> None:
+    """Raise naming the epoch and first step whose loss was NaN or infinite (``step_finite``:
+    one bool tensor per step, gathered once per epoch so that steps never wait on the device)."""
+    if math.isfinite(loss) and (not step_finite or bool(torch.stack(step_finite).all())):
+        return
+    bad = (~torch.stack(step_finite).cpu()).nonzero().flatten().tolist() if step_finite else []
+    where = f"step {bad[0]} of {len(step_finite)}" if bad else "a step of another rank"
+    raise TrainingError(f"the training loss became non-finite (NaN or inf) in epoch {epoch}, {where}; "
+                        "lower train.lr, check the loss weights and temperatures, or the input crops")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -183,7 +199,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     tc = cfg.train
     torch.manual_seed(tc.seed)
     classes = base_classes(base)
-    k = num_novel_classes(novel, tc.num_novel)
+    validate(cfg)
+    k = num_novel_classes(cfg)
     class_map = {"base_classes": classes, "num_base": len(classes), "num_novel": k,
                  "categories": sorted(set(novel.column("category").to_pylist()))}
     model = build_model(cfg, len(classes), k)
@@ -192,7 +209,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     resume = ctx.latest_checkpoint()
     if resume is not None:
         check_resumable(resume, cfg, class_map)
-    if resume is None and tc.kmeans_init:
+    if resume is None and kmeans_init(cfg):
         init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
     model = model.to(ctx.device)
     optimizer = torch.optim.SGD(parameter_groups(model, tc.weight_decay), lr=tc.lr, momentum=tc.momentum)
@@ -221,6 +238,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         sums: dict[str, Any] = {}
         head_sum: torch.Tensor | float = 0.0
         steps = skipped = 0
+        step_finite: list[torch.Tensor] = []
         for batch in loader:
             labelled = batch["label"] >= 0
             ok = not need_both or (bool(labelled.any()) and bool((~labelled).any()))
@@ -231,6 +249,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
                 continue
             parts = train_step(net, batch, optimizer, objective, epoch, device=ctx.device, amp=tc.amp, gather=gather)
             steps += 1
+            step_finite.append(torch.isfinite(parts["loss"].detach()))
             for name, value in parts.items():
                 if name != "cluster_per_head" and value.numel() == 1:
                     sums[name] = sums.get(name, 0.0) + value.detach()
@@ -243,8 +262,14 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
                                                        dtype=torch.float64, device=ctx.device)).cpu()
             sums = dict(zip(names, packed[: len(names)].tolist()))
             head_sum = packed[len(names):].float()
-        head_losses = (head_sum / max(steps, 1)).tolist() if steps else [math.nan] * cfg.model.n_head
-        metrics = {name: value / max(steps, 1) for name, value in sums.items()}
+        if not steps:  # collective: under DDP every rank skipped the same batches
+            raise TrainingError(
+                f"epoch {epoch}: no usable batch ({skipped} skipped"
+                + (", each lacking labelled or unlabelled rows: raise train.batch_size" if skipped else "")
+                + f"; {len(regions)} training rows); nothing would be trained")
+        head_losses = (head_sum / steps).tolist()
+        metrics = {name: value / steps for name, value in sums.items()}
+        check_finite(step_finite, epoch, metrics.get("loss", math.nan))
         metrics.update(epoch=epoch, lr=lr, teacher_temp=temps[epoch], steps=steps, skipped_batches=skipped,
                        **{f"cluster_head{h}": v for h, v in enumerate(head_losses)})
         history.append(metrics)
@@ -258,6 +283,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
 
     if resume is not None and start_epoch >= tc.epochs:
         head_losses = list(resume.get("head_losses", head_losses))
-    selected = select_head(head_losses) if any(not math.isnan(v) for v in head_losses) else 0
+    if all(math.isnan(v) for v in head_losses):
+        raise TrainingError("no epoch was trained (every head's loss is NaN): nothing to report")
+    selected = select_head(head_losses)
     return TrainResult(model=model, head_losses=head_losses, selected_head=selected, class_map=class_map,
                        history=history)

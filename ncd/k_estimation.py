@@ -4,6 +4,7 @@ For each candidate K, spherical FAISS k-means partitions the L2-normalised regio
 embeddings; the partition is scored with the mean cosine silhouette. The K with the
 highest score wins (ties: the smaller K). This is ncd's criterion for the AnomalyNCD
 mode; the ProtoAnomalyNCD mode scores prototypes instead (``ncd.proto``).
+:func:`trained_k_score` scores a trained model's K the same way (Tune's ``k_score``).
 """
 from __future__ import annotations
 
@@ -63,3 +64,17 @@ def estimate_k(features: np.ndarray, k_min: int, k_max: int, seed: int = 0) -> K
         scores[k] = cosine_silhouette(x[sample], labels[sample])
     best = max(scores, key=lambda k: (scores[k], -k))
     return KEstimate(best, scores)
+
+
+def trained_k_score(method: str, feat: np.ndarray, probs: np.ndarray, novel_prototypes: np.ndarray) -> float:
+    """Label-free score of a trained model's K, comparable across K (higher is better).
+
+    ProtoAnomalyNCD mode: the prototype score of its K novel prototypes (PROTO.md,
+    centroid score alone: no labelled rows); AnomalyNCD mode: the cosine silhouette of
+    the region embeddings ``feat`` (R, D) under the model's partition ``probs.argmax(1)``.
+    """
+    if method == "protoanomalyncd":
+        from ncd.proto.k_estimation import prototype_score
+
+        return prototype_score(feat, novel_prototypes)["score"]
+    return cosine_silhouette(l2_normalise(feat), probs.argmax(1))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ncd.config import ExperimentConfig
+from ncd.config import AUTO, ExperimentConfig
 from ncd.losses.criterion import ncd_criterion
 from ncd.model.ncd_model import NCDModel, build_ncd_model
 from ncd.proto.losses import hard_ratio_schedule, proto_criterion
@@ -33,6 +33,21 @@ def guide_columns(cfg: ExperimentConfig) -> tuple[str, ...]:
     if check_method(cfg) == "anomalyncd":
         return ()
     return ("anomaly_png",) if cfg.proto.object_prior == "none" else ("anomaly_png", "object_png")
+
+
+def kmeans_init(cfg: ExperimentConfig) -> bool:
+    """Whether the novel prototypes start from k-means: ``train.kmeans_init``, where ``auto``
+    means on in ProtoAnomalyNCD mode (PROTO.md: "region-guided" prototypes) and off in
+    AnomalyNCD mode (the paper's random init)."""
+    if cfg.train.kmeans_init == AUTO:
+        return check_method(cfg) == "protoanomalyncd"
+    return bool(cfg.train.kmeans_init)
+
+
+def prediction_temperature(cfg: ExperimentConfig) -> float:
+    """The softmax temperature of region probabilities: ``loss.student_temp`` (METHOD.md 6.1),
+    or ``1 / proto.kappa`` in ProtoAnomalyNCD mode (the vMF posterior the model was trained with)."""
+    return 1.0 / cfg.proto.kappa if check_method(cfg) == "protoanomalyncd" else cfg.loss.student_temp
 
 
 def build_model(cfg: ExperimentConfig, num_base: int, num_novel: int) -> NCDModel:

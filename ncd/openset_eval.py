@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from ncd.config import ExperimentConfig, apply_overrides
 from ncd.merge import merge_regions
-from ncd.predict import head_probabilities, image_predictions
+from ncd.predict import image_predictions, region_probabilities
 from ncd.proto.openset import auroc
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
     k_seen = len(set(seen.column("gt_type").to_pylist()))
     trained = stages.train(apply_overrides(cfg, [f"train.num_novel={k_seen}"]), seen, base)
     outputs = stages.infer(trained, regions)
-    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], trained.cfg.loss.student_temp)
+    probs = region_probabilities(trained, outputs.logits)
     images, merged = image_predictions(regions, probs, cfg.infer.area_temperature)
     is_held = np.asarray(images.column("gt_type").to_pylist()) == held_out
     score = merged.max(axis=1)

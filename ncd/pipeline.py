@@ -21,20 +21,21 @@ import torch
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import ExperimentConfig, absolute_paths, apply_overrides, to_dict
+from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, to_dict
 from ncd.data import eval_set
 from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
+from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 from ncd.method import build_model, guide_columns
-from ncd.predict import (TrainedModel, head_probabilities, image_predictions, region_predictions,
-                         save_model)
+from ncd.predict import TrainedModel, image_predictions, region_predictions, region_probabilities, save_model
 from ncd.region_table import read_regions, update_regions
+from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 SYNTHETIC_BASE = "synthetic"
-ESTIMATE_K = -1
+PROTOTYPE_SCORE = "prototype score (centroid score; no labelled rows)"
 
 
 @dataclass
@@ -104,6 +105,7 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
 
 def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
     """Mask-guided CLS features of the pretrained backbone (before any training)."""
+    torch.manual_seed(cfg.train.seed)  # the untrained head (and a random backbone) are reproducible too
     model = build_model(cfg, 0, 1).to(device())
     return forward_regions(model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size, device(),
                            cfg.train.amp).feat
@@ -122,15 +124,56 @@ def true_k(regions: pa.Table) -> int:
     return len({t for t in regions.column("gt_type").to_pylist() if t})
 
 
-def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig, KEstimate | None]:
-    """Resolve ``train.num_novel``: given, the number of gt types (0), or estimated (-1)."""
-    if cfg.train.num_novel > 0:
-        return cfg, None
-    if cfg.train.num_novel == 0 and true_k(regions) > 0:
-        return apply_overrides(cfg, [f"train.num_novel={true_k(regions)}"]), None
-    est = estimate_k(frozen_features(cfg, regions), cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed)
-    log.info("K estimate %d (silhouette per K: %s)", est.k, {k: round(v, 3) for k, v in est.scores.items()})
-    return apply_overrides(cfg, [f"train.num_novel={est.k}"]), est
+def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table) -> KEstimate:
+    """K without labels from the frozen features of ``regions``, by the method's criterion:
+    the cosine silhouette of spherical k-means over ``infer.k_min..k_max`` (AnomalyNCD mode)
+    or ProtoGCD's prototype score of k-means prototypes over ``proto.k_min..k_max``
+    (ProtoAnomalyNCD mode; centroid score alone, as no labelled rows are used)."""
+    feats = frozen_features(cfg, regions)
+    if cfg.method != "protoanomalyncd":
+        return estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed)
+    k_max = min(cfg.proto.k_max, len(feats) - 1)
+    if k_max < cfg.proto.k_min:
+        raise ValueError(f"K estimation needs more than proto.k_min={cfg.proto.k_min} regions, got {len(feats)}")
+    k, scores = proto_estimate_k(feats, range(cfg.proto.k_min, k_max + 1), cfg.train.seed)
+    return KEstimate(k, scores, PROTOTYPE_SCORE)
+
+
+def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Resolve ``train.num_novel`` for training on ``regions``: a given number, ``auto``
+    (estimated without labels, logged with its criterion) or ``gt`` (the oracle count of
+    ground-truth types, only when asked). Returns the config with K as a number and what
+    the report shows: ``k``, ``source`` (given | estimated | oracle), ``k_estimated``,
+    ``criterion``, ``scores``."""
+    requested = cfg.train.num_novel
+    info: dict[str, Any] = {"k": requested, "source": "given", "k_estimated": None, "criterion": None, "scores": None}
+    if isinstance(requested, int):
+        return cfg, info
+    if requested == K_ORACLE:
+        k = true_k(regions)
+        if k == 0:
+            raise ConfigError("train.num_novel=gt asks for the number of ground-truth types, but the regions have no "
+                              "gt types: set train.num_novel to a number, or to auto")
+        log.warning("K = %d: the ORACLE number of ground-truth types (train.num_novel=gt); not a label-free result", k)
+        info.update(k=k, source="oracle", criterion="oracle: ground-truth type count")
+    elif requested == K_AUTO:
+        est = estimate_novel_k(cfg, regions)
+        log.info("K = %d estimated by %s over %d..%d: %s", est.k, est.criterion, min(est.scores), max(est.scores),
+                 {k: round(v, 3) for k, v in est.scores.items()})
+        info.update(k=est.k, source="estimated", k_estimated=est.k, criterion=est.criterion, scores=est.scores)
+    else:
+        validate(cfg)  # raises: names the bad value
+    return apply_overrides(cfg, [f"train.num_novel={info['k']}"]), info
+
+
+def k_label(info: dict[str, Any]) -> str:
+    """``K = 6`` with how it was chosen, for printed summaries."""
+    text = f"K = {info['k']}"
+    if info.get("source") == "oracle":
+        return text + " (ORACLE: the ground-truth type count, train.num_novel=gt)"
+    if info.get("k_estimated") is not None:
+        return text + f" (estimated by {info['criterion']}; truth {info.get('k_true')})"
+    return text
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -159,7 +202,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 
     ``manifest`` replaces the catalog stage (a benchmark's chosen split, say).
     """
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(validate(cfg))
     out, s3 = cfg.output, cfg.s3
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -194,7 +237,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     for g, (name, part) in enumerate(groups):
         label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
         done = stage(4, "train" + label)
-        part_cfg, k_est = choose_k(cfg, part)
+        part_cfg, k_info = choose_k(cfg, part)
         if len(groups) > 1:
             part_cfg = apply_overrides(part_cfg, [f"data.categories={name}",
                                                   f"output={io.join(out, 'models', name)}"])
@@ -202,17 +245,14 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         done()
         done = stage(5, "infer" + label)
         outputs = stages.infer(trained, part)
-        probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"],
-                                   part_cfg.loss.student_temp)
+        probs = region_probabilities(trained, outputs.logits)
         region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
         image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
         save_model(trained, io.join(out, "model.pt") if len(groups) == 1 else io.join(out, "models", f"{name}.pt"), s3)
         parts.append(part)
         feats.append(outputs.feat)
         heads[name] = trained.head
-        k_infos[name] = {"k": part_cfg.train.num_novel, "k_true": true_k(part) or None,
-                         "k_estimated": k_est.k if k_est else None, "criterion": k_est.criterion if k_est else None,
-                         "scores": k_est.scores if k_est else None}
+        k_infos[name] = {**k_info, "k_true": true_k(part) or None}
         done()
     regions = pa.concat_tables(parts)
     region_pred, image_pred = pa.concat_tables(region_preds), pa.concat_tables(image_preds)
@@ -245,9 +285,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 def summary_text(summary: dict[str, Any]) -> str:
     """What a person reads at the end of ``ncd discover``."""
     infos = summary["k"].get("per_category") or {"": summary["k"]}
-    ks = ", ".join(f"{name + ': ' if name else ''}K = {i['k']}"
-                   + (f" (estimate {i['k_estimated']}, truth {i['k_true']})" if i["k_estimated"] is not None else "")
-                   for name, i in infos.items())
+    ks = ", ".join(f"{name + ': ' if name else ''}{k_label(i)}" for name, i in infos.items())
     lines = [f"ncd discover: {summary['images']} images, {summary['regions']} regions, {ks}"]
     if summary["metrics"]:
         for level in ("image", "region"):

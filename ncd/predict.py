@@ -20,7 +20,7 @@ import torch
 from ncd import io
 from ncd.config import ExperimentConfig, S3Config, from_dict, to_dict
 from ncd.merge import merge_regions, novel_probs
-from ncd.method import build_model
+from ncd.method import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,12 @@ def image_predictions(regions: pa.Table, probs: np.ndarray, area_temperature: fl
 def head_probabilities(logits: list[np.ndarray], head: int, num_base: int, temperature: float) -> np.ndarray:
     """(R,K) novel probabilities of the selected head."""
     return novel_probs(logits[head], num_base, temperature)
+
+
+def region_probabilities(trained: TrainedModel, logits: list[np.ndarray]) -> np.ndarray:
+    """(R,K) novel probabilities of ``trained``'s selected head at its method's temperature
+    (the vMF posterior ``softmax(kappa cos)`` in ProtoAnomalyNCD mode)."""
+    return head_probabilities(logits, trained.head, trained.class_map["num_base"], prediction_temperature(trained.cfg))
 
 
 def model_state(trained: TrainedModel) -> dict[str, Any]:

@@ -201,8 +201,9 @@ def k_section(k_info: Mapping[str, Any] | None, found: Mapping[str, int], true_k
               ) -> tuple[str, dict[str, Mapping[int, float]], dict[str, int | None], dict[str, int | None], str]:
     """Markdown of the K table (+ scores per K) and the series for ``plot_k_scores``.
 
-    ``k_info``: ``{"k", "k_estimated", "k_true", "criterion", "scores": {K: score}}``, all
-    optional, or ``{"per_category": {category: that}}``. ``found``: clusters used per
+    ``k_info``: ``{"k", "source", "k_estimated", "k_true", "criterion", "scores": {K: score}}``,
+    all optional, or ``{"per_category": {category: that}}``; ``source`` "oracle" marks a K
+    taken from the ground truth. ``found``: clusters used per
     category; ``true_k``: distinct labelled types per category (None without labels).
     """
     entries = _k_entries(k_info, list(found)) if k_info else {}
@@ -224,7 +225,9 @@ def k_section(k_info: Mapping[str, Any] | None, found: Mapping[str, int], true_k
         if e.get("scores"):
             scores[c] = {int(k): float(v) for k, v in e["scores"].items()}
             criterion = str(e.get("criterion", criterion))
-        lines.append(f"| {_md(c)} | {cell(found.get(c))} | {cell(e.get('k'))} | {cell(e.get('k_estimated'))} | "
+        k = e.get("k")
+        shown = f"{cell(k)} (oracle: gt type count)" if e.get("source") == "oracle" else cell(k)
+        lines.append(f"| {_md(c)} | {cell(found.get(c))} | {shown} | {cell(e.get('k_estimated'))} | "
                      f"{cell(t)} | {cell(e.get('criterion'))} |")
     md = "\n".join(lines) + "\n"
     if scores:

@@ -56,7 +56,9 @@ def config_path(name_or_path: str | None) -> str | None:
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(config_path(args.config), args.overrides)
+    from ncd.validation import validate
+
+    return validate(load_config(config_path(args.config), args.overrides))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -123,7 +125,8 @@ def add_discover_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--maps", default=None, help="anomaly maps root (sets data.maps)")
     p.add_argument("--layout", default=None, help="generic | mvtec | mtd | manifest (sets data.layout)")
     p.add_argument("--out", default=None, help="output folder or s3:// prefix (sets output and preprocess.output)")
-    p.add_argument("--k", default=None, help="number of novel classes; 'auto' estimates it (sets train.num_novel)")
+    p.add_argument("--k", default=None, help="number of novel classes K: a number, 'auto' (estimated without labels) or 'gt' "
+                   "(the oracle ground-truth count); sets train.num_novel")
     p.add_argument("--method", default=None, help="anomalyncd | protoanomalyncd")
     p.add_argument("--local", action="store_true", help="run every stage in this process (no Ray)")
     p.add_argument("--address", default=None, help="Ray address (default: a local instance)")
@@ -145,10 +148,12 @@ def discover_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.out:
         sets += [f"output={args.out}", f"preprocess.output={args.out}"]
     if args.k:
-        sets.append(f"train.num_novel={-1 if args.k == 'auto' else int(args.k)}")
+        sets.append(f"train.num_novel={args.k}")
     if args.method:
         sets.append(f"method={args.method}")
-    return load_config(config_path(args.config), sets)
+    from ncd.validation import validate
+
+    return validate(load_config(config_path(args.config), sets))
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
@@ -164,16 +169,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ncd.pipeline import base_set, local_train, LOCAL_STAGES
+    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_train
     from ncd.predict import save_model
     from ncd.region_table import read_regions
 
     cfg = _load(args)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)
+    cfg, k_info = choose_k(cfg, regions)
     trained = local_train(cfg, regions, base_set(cfg, LOCAL_STAGES))
     out = io.join(cfg.output, "model.pt")
     save_model(trained, out, cfg.s3)
-    print(f"model -> {out} (head {trained.head})")
+    print(f"model -> {out} (head {trained.head}, {k_label(k_info)})")
     return 0
 
 
@@ -223,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _training_error() -> type[Exception]:
+    """``ncd.engine.TrainingError`` once training code is loaded (the CLI does not import torch up front)."""
+    engine = sys.modules.get("ncd.engine")
+    return engine.TrainingError if engine else ConfigError
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser().parse_known_args(argv)
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DataError, StorageError, FileNotFoundError) as err:
+    except (ConfigError, DataError, StorageError, FileNotFoundError, _training_error()) as err:
         print(f"ncd {args.command}: error: {err}", file=sys.stderr)
         return 2
 

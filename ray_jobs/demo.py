@@ -6,7 +6,7 @@ import logging
 import time
 
 from ncd import io
-from ncd.config import apply_overrides
+from ncd.config import K_ORACLE, apply_overrides
 
 log = logging.getLogger(__name__)
 FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random", "model.image_size=64",
@@ -31,4 +31,7 @@ def run_demo(args: argparse.Namespace) -> int:
     root = write_dataset(cfg.data.root, SyntheticSpec(seed=cfg.train.seed % 1000))
     print(f"[demo] synthetic dataset written to {root} in {time.perf_counter() - t0:.1f}s")
     print(f"[demo] backbone {cfg.model.backbone}, weights {cfg.model.weights}")
+    if cfg.train.num_novel == K_ORACLE:
+        print("[demo] K is the ORACLE number of ground-truth types of the synthetic data (train.num_novel=gt), "
+              "not an estimate: pass --k auto to estimate it without labels")
     return run(cfg, args)

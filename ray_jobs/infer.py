@@ -141,7 +141,7 @@ def _ordered_outputs(batches: list[dict[str, np.ndarray]], keys: tuple[str, ...]
 
 def main(argv: list[str] | None = None) -> None:
     from ncd.pipeline import write_predictions
-    from ncd.predict import head_probabilities, image_predictions, region_predictions
+    from ncd.predict import image_predictions, region_predictions, region_probabilities
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt written by ncd discover / ncd train")
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(outputs.feat) != regions.num_rows:
         raise RuntimeError(f"inference returned {len(outputs.feat)} rows for {regions.num_rows} regions")
     cfg = trained.cfg
-    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"], cfg.loss.student_temp)
+    probs = region_probabilities(trained, outputs.logits)
     write_predictions(args.out, "region_predictions", region_predictions(regions, probs, cfg.infer.unknown_threshold), s3)
     images, _ = image_predictions(regions, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)
     write_predictions(args.out, "image_predictions", images, s3)

@@ -31,6 +31,7 @@ from ncd.config import ExperimentConfig, absolute_paths, load_config
 from ncd.preprocess import CategoryRange, check_categories, image_statistics, reduce_range
 from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)
+from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ray_jobs.cli import config_path
 
-    cfg = load_config(config_path(args.config), args.overrides)
+    cfg = validate(load_config(config_path(args.config), args.overrides))
     ray.init(address=args.address, ignore_reinit_error=True)
     print(run_preprocess(cfg))
 

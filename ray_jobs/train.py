@@ -28,7 +28,9 @@ from ray.train.torch import TorchTrainer
 from ncd import io
 from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, to_dict
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
+from ncd.pipeline import choose_k
 from ncd.region_table import read_regions
+from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,21 @@ class RayTrainContext:
             return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
 
 
+def stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
+    """The stored region table, filtered to ``data.categories`` when set (one category's model)."""
+    novel = read_regions(regions_uri, cfg.s3)
+    if cfg.data.categories:
+        novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
+    return novel
+
+
 def worker_tables(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[pa.Table, pa.Table | None]:
     """The novel and base tables a worker trains on: exactly the tables the driver handed
     over (object refs), or, given a URI, the stored table (``data.categories`` filters it)
     and ``train.base_table``."""
     if isinstance(config["regions"], ray.ObjectRef):
         return ray.get(config["regions"]), (ray.get(config["base"]) if config.get("base") is not None else None)
-    novel = read_regions(config["regions"], cfg.s3)
-    if cfg.data.categories:  # one category's model
-        novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
+    novel = stored_regions(cfg, config["regions"])
     return novel, (read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None)
 
 
@@ -89,7 +97,9 @@ def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: i
                   cpus_per_worker: float = 1.0, base: pa.Table | None = None) -> TorchTrainer:
     """``regions`` (and ``base``) as tables go to the workers through the object store, as
     they are; as a URI, each worker reads it (``base`` then comes from ``train.base_table``)."""
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(validate(cfg))
+    if not isinstance(cfg.train.num_novel, int):  # auto / gt: resolved once here, so every worker has the same K
+        cfg, _ = choose_k(cfg, regions if isinstance(regions, pa.Table) else stored_regions(cfg, io.absolute(regions)))
     loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "regions": (ray.put(regions) if isinstance(regions, pa.Table)
                                                                     else io.absolute(regions))}
     if isinstance(regions, pa.Table):
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ray_jobs.cli import config_path
 
-    cfg = load_config(config_path(args.config), args.overrides)
+    cfg = validate(load_config(config_path(args.config), args.overrides))
     ray.init(address=args.address, ignore_reinit_error=True)
     regions = args.regions or io.join(cfg.preprocess.output, "regions")
     result = run_train(cfg, regions, args.num_workers, args.use_gpu, storage_path=args.storage_path, name=args.name)

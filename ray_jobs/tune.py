@@ -5,8 +5,9 @@
 Each trial is the shared training loop (``ncd.engine.train``) with the trial's values
 applied as ``--set`` keys, reporting every epoch to Tune. Selection is label-free by
 default: ``cluster_loss`` (the selected head's distillation + mean-entropy loss, with
-ASHA early stopping on it) or ``k_score`` (cosine silhouette of the trained region
-embeddings under the model's own partition, comparable across K). ``nmi`` (needs gt)
+ASHA early stopping on it) or ``k_score`` (comparable across K: the cosine silhouette
+of the trained region embeddings under the model's own partition; in ProtoAnomalyNCD
+mode the prototype score of the trained prototypes). ``nmi`` (needs gt)
 is reported for benchmarks and selectable with ``tune.metric=nmi``. All trials and the
 best config are written to ``<output>/tune/``.
 """
@@ -29,11 +30,12 @@ from ncd import io
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
                         to_dict)
 from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
-from ncd.k_estimation import cosine_silhouette, l2_normalise
+from ncd.k_estimation import trained_k_score
 from ncd.metrics import cluster_metrics
-from ncd.pipeline import SYNTHETIC_BASE, base_set, local_infer
-from ncd.predict import TrainedModel, head_probabilities, image_predictions
+from ncd.pipeline import SYNTHETIC_BASE, base_set, choose_k, local_infer
+from ncd.predict import TrainedModel, image_predictions, region_probabilities
 from ncd.region_table import REGIONS_DIR, read_regions
+from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = {  # TuneConfig field -> experiment key
@@ -79,9 +81,9 @@ class TuneContext:
 def final_scores(trained: TrainedModel, regions: pa.Table) -> dict[str, float]:
     """Label-free ``k_score`` and, when gt exists, image-level ``nmi``/``ari``/``f1``."""
     outputs = local_infer(trained, regions)
-    probs = head_probabilities(outputs.logits, trained.head, trained.class_map["num_base"],
-                               trained.cfg.loss.student_temp)
-    scores = {"k_score": cosine_silhouette(l2_normalise(outputs.feat), probs.argmax(1))}
+    probs = region_probabilities(trained, outputs.logits)
+    prototypes = trained.model.heads.prototypes()[trained.head, trained.class_map["num_base"]:]
+    scores = {"k_score": trained_k_score(trained.cfg.method, outputs.feat, probs, prototypes.detach().cpu().numpy())}
     images, _ = image_predictions(regions, probs, trained.cfg.infer.area_temperature)
     truth = images.column("gt_type").to_pylist()
     if all(truth):
@@ -124,8 +126,10 @@ def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None =
     metric = cfg.tune.metric
     if metric not in MODES:
         raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)}")
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(validate(cfg))
     regions_uri = io.absolute(regions_uri)
+    if not cfg.tune.k_values and not isinstance(cfg.train.num_novel, int):  # auto / gt: once, for every trial
+        cfg, _ = choose_k(cfg, read_regions(regions_uri, cfg.s3))
     if cfg.train.base_table == SYNTHETIC_BASE:  # built once here, read by every trial
         from ray_jobs.discover import ray_stages
 
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = (int(v) for v in args.estimate_k.split(".."))
         sets += [f"tune.k_values={','.join(str(k) for k in range(lo, hi + 1))}", "tune.metric=k_score",
                  f"tune.num_samples={hi - lo + 1}"]
-    cfg = load_config(config_path(args.config), sets)
+    cfg = validate(load_config(config_path(args.config), sets))
     ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
     summary = run_tune(cfg, args.regions or io.join(cfg.preprocess.output, "regions"), args.storage_path)
     print(summary)

@@ -38,3 +38,10 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
 def test_demo_data(tmp_path):
     assert main(["demo-data", "--out", str(tmp_path), "--per-family", "1"]) == 0
     assert (tmp_path / "images").is_dir() and (tmp_path / "maps").is_dir() and (tmp_path / "masks").is_dir()
+
+
+def test_train_refuses_bad_values_before_reading_anything(tmp_path, capsys):
+    assert main(["train", "--config", "demo_smoke", "--regions", str(tmp_path / "missing"),
+                 "--set", "train.num_novel=-1", "--set", "train.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train.num_novel=-1" in err and "train.batch_size=0" in err and "missing" not in err

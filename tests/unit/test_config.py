@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from ncd.config import ConfigError, ExperimentConfig, apply_overrides, dump_config, from_dict, load_config, to_dict
@@ -11,7 +13,8 @@ def test_defaults_reproduce_the_paper():
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (0.003, 50, 32, 3407)
     assert (cfg.loss.sup_weight, cfg.loss.memax_weight, cfg.loss.anomaly_thred) == (0.3, 4.0, 0.5)
     assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.07, 0.04)
-    assert cfg.train.kmeans_init is False
+    assert cfg.train.kmeans_init == "auto"  # k-means prototype start in ProtoAnomalyNCD mode only (ncd.method)
+    assert cfg.train.num_novel == "auto"  # K is never taken from labels unless asked (gt)
 
 
 def test_overrides_are_typed():
@@ -64,3 +67,38 @@ def test_yaml_round_trip(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_num_novel_is_a_positive_k_auto_or_gt():
+    from ncd.validation import validate
+
+    read = {v: apply_overrides(ExperimentConfig(), [f"train.num_novel={v}"]).train.num_novel
+            for v in ("7", "auto", "gt")}
+    assert read == {"7": 7, "auto": "auto", "gt": "gt"}
+    for bad in ("0", "-1", "seven", "2.5"):
+        with pytest.raises(ConfigError, match="train.num_novel"):
+            validate(apply_overrides(ExperimentConfig(), [f"train.num_novel={bad}"]))
+
+
+def test_validate_lists_every_bad_key_at_once():
+    from ncd.validation import validate
+
+    cfg = apply_overrides(ExperimentConfig(), ["train.batch_size=0", "train.epochs=0", "method=protoncd",
+                                               "proto.guidance=sharp", "train.lr=nan", "infer.k_max=1",
+                                               "train.kmeans_init=maybe"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in ("train.batch_size=0", "train.epochs=0", "method='protoncd'", "proto.guidance='sharp'",
+                "train.lr=nan", "infer.k_max=1", "train.kmeans_init='maybe'"):
+        assert key in str(err.value), key
+    assert "(7 keys)" in str(err.value)
+
+
+def test_packaged_configs_are_valid_and_say_which_k_they_use():
+    import yaml
+
+    from ncd.validation import validate
+
+    for path in sorted(Path("ncd/configs").glob("*.yaml")):
+        validate(load_config(path))
+        assert "num_novel" in yaml.safe_load(path.read_text()).get("train", {}), path.name

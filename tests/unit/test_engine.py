@@ -89,12 +89,37 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tables, tmp_path):
     assert [h["epoch"] for h in ctx.history] == [1] and len(resumed.history) == 2
 
 
-def test_skipped_batches_do_not_step(tables):
+def test_an_epoch_of_skipped_batches_is_an_error_not_a_result(tables, tmp_path):
+    """Batches of one row never hold labelled and unlabelled rows together: nothing trains,
+    so there must be no model and no checkpoint to report."""
+    from ncd.engine import TrainingError
+
     novel, base = tables
-    cfg = _cfg("train.epochs=1", "train.batch_size=1", "train.kmeans_init=false")
-    res = train(cfg, novel.slice(0, 3), base.slice(0, 3), LocalContext())
-    assert res.history[0]["steps"] == 0 and res.history[0]["skipped_batches"] == 6
-    assert all(math.isnan(v) for v in res.head_losses)
+    cfg = _cfg("train.epochs=1", "train.batch_size=1", "train.kmeans_init=false", "train.checkpoint_every=1")
+    with pytest.raises(TrainingError, match=r"epoch 0: no usable batch \(6 skipped.*train\.batch_size"):
+        train(cfg, novel.slice(0, 3), base.slice(0, 3), LocalContext(str(tmp_path)))
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tables, tmp_path):
+    from ncd.engine import TrainingError
+
+    novel, base = tables
+    cfg = _cfg("train.epochs=2", "loss.infonce_temp=1e-45", "train.checkpoint_every=1")  # logits / 0 -> inf
+    with pytest.raises(TrainingError, match=r"non-finite .* in epoch 0, step 0 of \d+"):
+        train(cfg, novel, base, LocalContext(str(tmp_path)))
+    assert not list(tmp_path.rglob("*.pt")), "no checkpoint of a diverged model"
+
+
+def test_training_refuses_invalid_config_and_unresolved_k(tables):
+    from ncd.config import ConfigError
+
+    novel, base = tables
+    with pytest.raises(ConfigError, match=r"train\.epochs=0 .*train\.batch_size=0"):
+        train(_cfg("train.epochs=0", "train.batch_size=0"), novel, base, LocalContext())
+    for k in ("auto", "gt"):  # the entry point resolves K (and reports how), never the loop
+        with pytest.raises(ConfigError, match=f"train.num_novel='{k}' reached training unresolved"):
+            train(_cfg("train.epochs=1", f"train.num_novel={k}"), novel, base, LocalContext())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

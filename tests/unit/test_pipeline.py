@@ -50,3 +50,50 @@ def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_r
     assert padded.column("crop_png") != first.column("crop_png")
     assert padded.equals(canonical_order(preprocess_manifest(manifest, cfg.mebin, cfg_with("crop.padding=0.3").crop,
                                                              cfg.data)))
+
+
+def test_k_is_never_taken_from_labels_unless_asked(demo_root):
+    """gt is the oracle and says so; auto estimates with the mode's criterion (silhouette for
+    AnomalyNCD, ProtoGCD's prototype score for ProtoAnomalyNCD); bad values are errors."""
+    import pyarrow as pa
+    import pytest
+
+    from ncd.catalog import build_manifest
+    from ncd.config import ConfigError, apply_overrides
+    from ncd.pipeline import choose_k, frozen_features, k_label, summary_text
+    from ncd.preprocess import preprocess_manifest
+    from ncd.proto.k_estimation import estimate_k as proto_estimate_k
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      "infer.k_max=5", "proto.k_max=5"])
+    regions = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data, proto=cfg.proto)
+    assert choose_k(cfg, regions)[1]["source"] == "given"
+    oracle, info = choose_k(apply_overrides(cfg, ["train.num_novel=gt"]), regions)
+    assert oracle.train.num_novel == 6 and info["source"] == "oracle"
+    shown = summary_text({"images": 1, "regions": 1, "k": {**info, "k_true": 6}, "metrics": None,
+                          "seconds": {"total": 1.0}, "output": "o"})
+    assert "K = 6 (ORACLE" in shown and "ORACLE" in k_label(info)
+    unlabelled = regions.set_column(regions.schema.get_field_index("gt_type"), "gt_type",
+                                    pa.array([""] * regions.num_rows))
+    with pytest.raises(ConfigError, match="no gt types"):
+        choose_k(apply_overrides(cfg, ["train.num_novel=gt"]), unlabelled)
+    for method, criterion in (("anomalyncd", "silhouette"), ("protoanomalyncd", "prototype score")):
+        auto = apply_overrides(cfg, ["train.num_novel=auto", f"method={method}"])
+        resolved, info = choose_k(auto, unlabelled)  # no labels needed
+        assert info["source"] == "estimated" and info["criterion"].startswith(criterion), info
+        assert resolved.train.num_novel == info["k"] == info["k_estimated"] and set(info["scores"]) == {2, 3, 4, 5}
+    k, scores = proto_estimate_k(frozen_features(auto, regions), range(2, 6), auto.train.seed)
+    assert info["k"] == k and info["scores"] == scores
+
+
+def test_invalid_config_fails_before_any_stage(demo_root, tmp_path):
+    import pytest
+
+    from ncd.config import ConfigError
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", f"output={tmp_path}/out",
+                                                      "train.epochs=0", "train.num_novel=-1", "method=proto"])
+    with pytest.raises(ConfigError, match=r"train\.epochs=0.*train\.num_novel=-1") as err:
+        discover(cfg)
+    assert "method='proto'" in str(err.value)
+    assert not (tmp_path / "out").exists(), "nothing may run (or be written) before the config is valid"

@@ -607,3 +607,30 @@ def test_auroc_matches_sklearn_with_ties():
         auroc([], [1.0])
     with pytest.raises(ValueError):
         auroc([np.nan], [1.0])
+
+
+def test_inference_posterior_is_the_vmf_posterior_at_proto_kappa():
+    """The rejection score (best merged probability) uses proto.kappa, as training does."""
+    from ncd.config import load_config
+    from ncd.predict import TrainedModel, region_probabilities
+
+    logits = [np.random.default_rng(0).uniform(-1, 1, (7, 2 + 3))]
+    for kappa in (10.0, 30.0):
+        cfg = load_config(None, ["method=protoanomalyncd", f"proto.kappa={kappa}"])
+        probs = region_probabilities(TrainedModel(None, cfg, {"num_base": 2}, 0), logits)
+        z = np.exp(kappa * logits[0][:, 2:])
+        np.testing.assert_allclose(probs, z / z.sum(1, keepdims=True), rtol=1e-10)
+        np.testing.assert_allclose(probs.max(1), max_softmax(logits[0][:, 2:], kappa), rtol=1e-10)
+    cfg = load_config(None, ["method=anomalyncd", "proto.kappa=30", "loss.student_temp=0.05"])
+    probs = region_probabilities(TrainedModel(None, cfg, {"num_base": 2}, 0), logits)
+    np.testing.assert_allclose(probs.max(1), max_softmax(logits[0][:, 2:], 20.0), rtol=1e-10)  # 1 / student_temp
+
+
+def test_prototypes_start_from_kmeans_in_proto_mode_unless_told_otherwise():
+    from ncd.config import load_config
+    from ncd.method import kmeans_init
+
+    assert kmeans_init(load_config(None, ["method=protoanomalyncd"])) is True  # PROTO.md: region-guided prototypes
+    assert kmeans_init(load_config(None, ["method=anomalyncd"])) is False  # the paper's random init
+    assert kmeans_init(load_config(None, ["method=protoanomalyncd", "train.kmeans_init=false"])) is False
+    assert kmeans_init(load_config(None, ["method=anomalyncd", "train.kmeans_init=true"])) is True
