@@ -61,3 +61,20 @@ def test_ray_train_stage_trains_on_the_table_it_is_handed(demo_root, ray_local, 
     trained = ray_stages(1, cpus_per_worker=1).train(cfg, seen, None)
     assert trained.class_map["categories"] == ["plate"]
     assert trained.class_map["num_base"] == 0  # no base table handed: none used
+
+
+def test_ray_train_resolves_k_once_on_the_driver(demo_root, ray_local, tmp_path):
+    """auto / gt never reach the workers: the driver estimates K (or takes the oracle count
+    when asked) and every worker trains with that number."""
+    from ray_jobs.train import build_trainer
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      f"output={tmp_path}", "infer.k_max=4"])
+    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
+                            str(tmp_path / "pp"))
+    ks = {}
+    for k in ("gt", "auto"):
+        trainer = build_trainer(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
+            **{**cfg.train.__dict__, "num_novel": k})}), regions, 1, False)
+        ks[k] = trainer.train_loop_config["cfg"]["train"]["num_novel"]
+    assert ks["gt"] == 6 and ks["auto"] in (2, 3, 4)
