@@ -175,6 +175,13 @@ def test_report_with_given_metrics_and_k_info(regions_all, tmp_path):
     assert not (tmp_path / "plots/embedding.png").exists()
 
 
+def test_an_oracle_k_is_marked_as_such():
+    md = report.k_section({"k": 6, "source": "oracle", "criterion": "oracle: ground-truth type count"},
+                          {"plate": 6}, {"plate": 6})[0]
+    assert "| plate | 6 | 6 (oracle: gt type count) |" in md
+    assert "(oracle" not in report.k_section({"k": 6, "source": "given"}, {"plate": 6}, {"plate": 6})[0]
+
+
 def test_several_categories_get_their_own_folders(regions_all, tmp_path):
     images, preds, feats = predictions(regions_all, unknown=1)
     md = Path(write_report(str(tmp_path), image_predictions=images, region_predictions=preds,
