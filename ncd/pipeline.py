@@ -46,6 +46,7 @@ class Stages:
     preprocess: Callable[[ExperimentConfig, pa.Table], pa.Table]
     train: Callable[[ExperimentConfig, pa.Table, pa.Table | None], TrainedModel]
     infer: Callable[[TrainedModel, pa.Table], RegionOutputs]
+    detect: Callable[[ExperimentConfig], Any] | None = None  # maps when none are given; None: in process
 
 
 def device() -> torch.device:
@@ -196,6 +197,20 @@ def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table) -> dict[str, An
     return {"image": evaluate_predictions(image_pred), "region": evaluate_predictions(region_pred)}
 
 
+def with_detected_maps(cfg: ExperimentConfig, stages: Stages, progress: Callable[[str], None]) -> ExperimentConfig:
+    """``cfg`` unchanged when the dataset has maps; else the built-in detector writes them
+    to ``detect.output`` (default ``<output>/maps``) and ``data.maps`` points there."""
+    from ncd.catalog import layout_has_maps
+    from ncd.detect import detect_local, maps_root
+
+    if layout_has_maps(cfg.data, cfg.s3):
+        return cfg
+    root = maps_root(cfg)
+    progress(f"      no anomaly maps given: the built-in detector ({cfg.detect.mode}) writes them to {root}")
+    (stages.detect or detect_local)(cfg)
+    return apply_overrides(cfg, [f"data.maps={root}"])
+
+
 def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
              progress: Callable[[str], None] = lambda s: log.info(s), manifest: pa.Table | None = None) -> dict[str, Any]:
     """Run every stage; returns the summary also written to ``<output>/summary.json``.
@@ -219,6 +234,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 
     done = stage(1, "catalog")
     if manifest is None:
+        cfg = with_detected_maps(cfg, stages, progress)
         manifest = build_manifest(cfg.data, s3)
     io.write_table(manifest, io.join(out, "manifest.parquet"), s3)
     done()

@@ -156,6 +156,49 @@ def discover_config(args: argparse.Namespace) -> ExperimentConfig:
     return validate(load_config(config_path(args.config), sets))
 
 
+def add_detect_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``ncd detect`` and ``python -m ray_jobs.detect``."""
+    p.add_argument("--config", default=None, help="YAML file or packaged config name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set detect.mode=zero_shot --set detect.image_size=518 (repeatable)")
+    p.add_argument("--images", default=None, help="dataset root (sets data.root)")
+    p.add_argument("--layout", default=None, help="generic | mvtec | mtd (sets data.layout)")
+    p.add_argument("--out", default=None, help="maps folder or s3:// prefix (sets detect.output)")
+    p.add_argument("--normal", default=None, help="folder of normal images: few-shot memory bank (sets detect.normal)")
+    p.add_argument("--local", action="store_true", help="run in this process (no Ray)")
+    p.add_argument("--address", default=None, help="Ray address (default: a local instance)")
+    p.add_argument("--num-actors", type=int, default=1, help="feature actors")
+    p.add_argument("--use-gpu", action="store_true")
+    return p
+
+
+def detect_config(args: argparse.Namespace) -> ExperimentConfig:
+    sets = list(args.overrides)
+    for flag, key in (("images", "data.root"), ("layout", "data.layout"), ("out", "detect.output"),
+                      ("normal", "detect.normal")):
+        if getattr(args, flag):
+            sets.append(f"{key}={getattr(args, flag)}")
+    return load_config(config_path(args.config), sets)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ncd.detect import detect_local, maps_root
+
+    cfg = detect_config(args)
+    if args.local:
+        table = detect_local(cfg, progress=Progress())
+    else:
+        import ray
+
+        from ray_jobs.detect import run_detect
+
+        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+        table = run_detect(cfg, num_actors=args.num_actors, use_gpu=args.use_gpu, progress=Progress())
+    modes = sorted(set(table.column("mode").to_pylist()))
+    print(f"{table.num_rows} maps ({', '.join(modes)}) -> {maps_root(cfg)} (image scores: image_scores.parquet)")
+    return 0
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from ray_jobs.discover import main as discover_main
 
@@ -220,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("train", help="train in this process (Ray Train: python -m ray_jobs.train)"))
     p.add_argument("--regions", default=None, help="region table (default <preprocess.output>/regions)")
     p.set_defaults(func=cmd_train)
+
+    p = add_detect_arguments(sub.add_parser("detect", help="anomaly maps from raw images (zero-shot or few-shot)"))
+    p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("discover", help="catalog -> preprocess -> train -> infer -> evaluate", add_help=False)
     p.set_defaults(func=cmd_discover)

@@ -17,6 +17,7 @@ from ncd.engine import CHECKPOINT_FILE, load_checkpoint
 from ncd.pipeline import LOCAL_STAGES, Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
 from ncd.region_table import read_regions
+from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.train import run_train
@@ -42,7 +43,10 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
     def infer(trained: TrainedModel, regions: pa.Table):
         return run_inference(trained, regions, num_actors=max(1, num_workers), use_gpu=use_gpu)
 
-    return Stages(preprocess, train, infer)
+    def detect(cfg: ExperimentConfig) -> pa.Table:
+        return run_detect(cfg, num_actors=max(1, num_workers), use_gpu=use_gpu)
+
+    return Stages(preprocess, train, infer, detect)
 
 
 def main(argv: list[str] | None = None) -> int:

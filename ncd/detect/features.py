@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ncd.config import DetectConfig, ModelConfig, S3Config
+from ncd.config import ConfigError, DetectConfig, ModelConfig, S3Config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -29,19 +29,19 @@ def backbone_config(cfg: DetectConfig) -> ModelConfig:
 
 
 def check_detect_config(cfg: DetectConfig) -> None:
-    """Clear errors for settings the detector cannot run with."""
+    """Clear errors (``ConfigError``) for settings the detector cannot run with."""
     if not cfg.blocks or min(cfg.blocks) < 0:
-        raise ValueError(f"detect.blocks={list(cfg.blocks)}: give block indices >= 0 (e.g. 2,5,8)")
+        raise ConfigError(f"detect.blocks={list(cfg.blocks)}: give block indices >= 0 (e.g. 2,5,8)")
     if not cfg.radii or any(r < 1 or r % 2 == 0 for r in cfg.radii):
-        raise ValueError(f"detect.radii={list(cfg.radii)}: give odd neighbourhood sizes >= 1 (e.g. 1,3,5)")
+        raise ConfigError(f"detect.radii={list(cfg.radii)}: give odd neighbourhood sizes >= 1 (e.g. 1,3,5)")
     if not 0.0 < cfg.fraction <= 1.0:
-        raise ValueError(f"detect.fraction={cfg.fraction}: must be in (0, 1]")
+        raise ConfigError(f"detect.fraction={cfg.fraction}: must be in (0, 1]")
     if cfg.mode not in ("auto", "zero_shot", "few_shot"):
-        raise ValueError(f"detect.mode={cfg.mode!r}: valid modes are auto, zero_shot, few_shot")
+        raise ConfigError(f"detect.mode={cfg.mode!r}: valid modes are auto, zero_shot, few_shot")
     if cfg.knn not in ("faiss", "exact"):
-        raise ValueError(f"detect.knn={cfg.knn!r}: valid values are faiss, exact")
+        raise ConfigError(f"detect.knn={cfg.knn!r}: valid values are faiss, exact")
     if cfg.reference_images == 1 or cfg.reference_images < 0:
-        raise ValueError(f"detect.reference_images={cfg.reference_images}: use 0 (all images) or >= 2")
+        raise ConfigError(f"detect.reference_images={cfg.reference_images}: use 0 (all images) or >= 2")
 
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
@@ -64,7 +64,7 @@ class PatchFeatureExtractor:
             torch.manual_seed(cfg.seed)
             model = load_backbone(backbone_config(cfg), s3, model_kwargs=model_kwargs).eval()
         if max(cfg.blocks) >= len(model.blocks):
-            raise ValueError(f"detect.blocks={list(cfg.blocks)}: the backbone has blocks 0..{len(model.blocks) - 1}")
+            raise ConfigError(f"detect.blocks={list(cfg.blocks)}: the backbone has blocks 0..{len(model.blocks) - 1}")
         self.model = model.to(self.device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
 

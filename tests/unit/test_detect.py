@@ -234,3 +234,21 @@ def test_write_detector_maps_for_the_mtd_layout(tmp_path):
     manifest = build_manifest(DataConfig(layout="mtd", root=str(tmp_path / "mtd"), maps=str(tmp_path / "maps")))
     assert manifest.num_rows == 6
     assert io.read_map(manifest.column("map_uri")[0].as_py()).shape == (40, 56)
+
+
+def test_cli_detect_local_and_its_one_line_error(demo_root, tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    tiny = ["--set", "detect.backbone=vit_tiny_patch16_224", "--set", "detect.weights=random", "--set",
+            "detect.image_size=32", "--set", "detect.blocks=1,3", "--set", "detect.radii=1"]
+    assert main(["detect", "--local", "--images", str(demo_root), "--out", str(tmp_path / "maps"),
+                 "--set", "data.categories=plate", *tiny]) == 0
+    assert "maps (few_shot)" in capsys.readouterr().out  # the demo's good images form the bank
+    assert len(list((tmp_path / "maps" / "plate").rglob("*.png"))) > 0
+    lonely = tmp_path / "lonely" / "images" / "solo" / "dent"
+    lonely.mkdir(parents=True)
+    cv2.imwrite(str(lonely / "a.png"), np.zeros((20, 20, 3), np.uint8))
+    assert main(["detect", "--local", "--images", str(tmp_path / "lonely"), "--out", str(tmp_path / "m2"), *tiny]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "category 'solo' has 1 image" in err
+    assert not (tmp_path / "m2").exists()  # refused before any work

@@ -97,3 +97,21 @@ def test_invalid_config_fails_before_any_stage(demo_root, tmp_path):
         discover(cfg)
     assert "method='proto'" in str(err.value)
     assert not (tmp_path / "out").exists(), "nothing may run (or be written) before the config is valid"
+
+
+def test_discover_runs_the_detector_when_no_maps_are_given(demo_root, tmp_path):
+    """A generic layout without ``maps/`` and no ``data.maps``: discover makes its own maps."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for sub in ("images", "masks"):
+        (data / sub).symlink_to(demo_root / sub)
+    out = tmp_path / "out"
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={data}", f"output={out}", f"preprocess.output={out}",
+                                                      "data.categories=plate", "train.epochs=1",
+                                                      "detect.backbone=vit_tiny_patch16_224", "detect.weights=random",
+                                                      "detect.image_size=32", "detect.blocks=1,3", "detect.radii=1"])
+    summary = discover(cfg)
+    assert summary["config"]["data"]["maps"] == str(out / "maps")
+    maps = sorted((out / "maps" / "plate").rglob("*.png"))
+    assert len(maps) == summary["images"] > 0 and (out / "maps" / "image_scores.parquet").is_file()
+    assert not (out / "maps" / "fabric").exists()  # only the selected category
