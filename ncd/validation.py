@@ -109,6 +109,18 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "tune.grace_period": _at_least(1),
     "tune.cpus_per_trial": _positive,
     "tune.gpus_per_trial": _at_least(0),
+    "detect.mode": _one_of(("auto", "zero_shot", "few_shot")),
+    "detect.knn": _one_of(("faiss", "exact")),
+    "detect.image_size": _positive,
+    "detect.blocks": lambda v: None if v and min(v) >= 0 else "give block indices >= 0, e.g. 2,5,8",
+    "detect.radii": lambda v: None if v and all(r >= 1 and r % 2 for r in v) else "give odd sizes >= 1, e.g. 1,3,5",
+    "detect.reference_images": lambda v: None if v == 0 or v >= 2 else "0 (all images) or >= 2",
+    "detect.fraction": lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+    "detect.knn_candidates": _at_least(0),
+    "detect.bank_max_patches": _at_least(1),
+    "detect.blur_sigma": _at_least(0),
+    "detect.subset_size": _at_least(0),
+    "detect.batch_size": _at_least(1),
 }
 RANGES = (("infer.k_min", "infer.k_max"), ("proto.k_min", "proto.k_max"))
 

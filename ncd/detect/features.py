@@ -29,19 +29,11 @@ def backbone_config(cfg: DetectConfig) -> ModelConfig:
 
 
 def check_detect_config(cfg: DetectConfig) -> None:
-    """Clear errors (``ConfigError``) for settings the detector cannot run with."""
-    if not cfg.blocks or min(cfg.blocks) < 0:
-        raise ConfigError(f"detect.blocks={list(cfg.blocks)}: give block indices >= 0 (e.g. 2,5,8)")
-    if not cfg.radii or any(r < 1 or r % 2 == 0 for r in cfg.radii):
-        raise ConfigError(f"detect.radii={list(cfg.radii)}: give odd neighbourhood sizes >= 1 (e.g. 1,3,5)")
-    if not 0.0 < cfg.fraction <= 1.0:
-        raise ConfigError(f"detect.fraction={cfg.fraction}: must be in (0, 1]")
-    if cfg.mode not in ("auto", "zero_shot", "few_shot"):
-        raise ConfigError(f"detect.mode={cfg.mode!r}: valid modes are auto, zero_shot, few_shot")
-    if cfg.knn not in ("faiss", "exact"):
-        raise ConfigError(f"detect.knn={cfg.knn!r}: valid values are faiss, exact")
-    if cfg.reference_images == 1 or cfg.reference_images < 0:
-        raise ConfigError(f"detect.reference_images={cfg.reference_images}: use 0 (all images) or >= 2")
+    """A ``ConfigError`` listing the ``detect.*`` settings the detector cannot run with."""
+    from ncd.config import ExperimentConfig
+    from ncd.validation import validate
+
+    validate(ExperimentConfig(detect=cfg))
 
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:

@@ -252,3 +252,10 @@ def test_cli_detect_local_and_its_one_line_error(demo_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "category 'solo' has 1 image" in err
     assert not (tmp_path / "m2").exists()  # refused before any work
+
+
+def test_bad_detect_settings_are_listed_before_any_work():
+    from ncd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"detect\.mode='fast'.*detect\.radii=\[2\].*detect\.reference_images=1"):
+        plan_detection(_rows("c", 3), DetectConfig(mode="fast", radii=(2,), reference_images=1))
