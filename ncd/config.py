@@ -177,7 +177,7 @@ class TuneConfig:
     sup_weight: tuple[float, ...] = ()
     lr: tuple[float, ...] = ()
     teacher_temp: tuple[float, ...] = ()
-    metric: str = "cluster_loss"  # cluster_loss | k_score | nmi (needs gt)
+    metric: str = "k_score"  # k_score (label-free, ncd.selection) | nmi (needs gt)
     grace_period: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0

@@ -3,13 +3,19 @@
     python -m ray_jobs.tune --config demo --set tune.k_values=4,5,6,7 --set tune.memax_weight=2,4
 
 Each trial is the shared training loop (``ncd.engine.train``) with the trial's values
-applied as ``--set`` keys, reporting every epoch to Tune. Selection is label-free by
-default: ``cluster_loss`` (the selected head's distillation + mean-entropy loss, with
-ASHA early stopping on it) or ``k_score`` (comparable across K: the cosine silhouette
-of the trained region embeddings under the model's own partition; in ProtoAnomalyNCD
-mode the prototype score of the trained prototypes). ``nmi`` (needs gt)
-is reported for benchmarks and selectable with ``tune.metric=nmi``. All trials and the
-best config are written to ``<output>/tune/``.
+applied as ``--set`` keys, on exactly the region tables ``run_tune`` was handed (through
+the object store). Selection is label-free by default: ``k_score``
+(``ncd.selection.cluster_score``: the cosine silhouette of the region features under
+the model's own partition; in ProtoAnomalyNCD mode the prototype score of its trained
+prototypes), reported every epoch and computed identically for every trial,
+whatever its loss weights, temperatures or K; ASHA prunes on it when more than a K grid
+is searched. ``nmi`` (needs gt) is reported for benchmarks and selectable with
+``tune.metric=nmi``. ``cluster_loss`` (the selected head's training clustering loss,
+which contains ``memax_weight x L_me``) is reported but not selectable. With a K grid
+and ``tune.num_samples`` larger than it, the repeats of each K run with different seeds
+(``train.seed``, ``train.seed + 1``, ...). With ``train.per_category`` each category is
+searched on its own regions (``<storage>/<category>/``). All trials and the best config
+are written to ``<storage>/`` (default ``<output>/tune/``).
 """
 from __future__ import annotations
 
@@ -29,12 +35,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ncd import io
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
                         to_dict)
+from ncd.data import base_classes
 from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
-from ncd.k_estimation import trained_k_score
 from ncd.metrics import cluster_metrics
-from ncd.pipeline import SYNTHETIC_BASE, base_set, choose_k, local_infer
+from ncd.model.heads import select_head
+from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
 from ncd.predict import TrainedModel, image_predictions, region_probabilities
 from ncd.region_table import REGIONS_DIR, read_regions
+from ncd.selection import cluster_score, score_sample
 from ncd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -45,28 +53,42 @@ SEARCH_KEYS = {  # TuneConfig field -> experiment key
     "lr": "train.lr",
     "teacher_temp": "loss.teacher_temp",
 }
-MODES = {"cluster_loss": "min", "k_score": "max", "nmi": "max"}
-FINAL_METRICS = ("k_score", "nmi", "ari", "f1")
+MODES = {"k_score": "max", "nmi": "max"}
+GT_METRICS = ("nmi", "ari", "f1")
+
+
+def _cluster_loss(metrics: dict[str, Any]) -> float:
+    heads = [v for k, v in metrics.items() if k.startswith("cluster_head") and not math.isnan(v)]
+    return min(heads) if heads else math.nan
 
 
 class TuneContext:
-    """``ncd.engine.RunContext`` inside a Tune trial (one process, the trial's device)."""
+    """``ncd.engine.RunContext`` inside a Tune trial (one process, the trial's device); every
+    epoch's report carries ``k_score`` of the model as it stands, on ``score_regions``."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, cfg: ExperimentConfig, num_base: int, score_regions: pa.Table) -> None:
         import torch
 
         self.device = torch.device(device)
+        self.cfg, self.num_base, self.score_regions = cfg, num_base, score_regions
+        self.model = None
+        self.k_score = math.nan
 
     def prepare_model(self, model):
-        return model.to(self.device)
+        self.model = model.to(self.device)
+        return self.model
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
-        heads = [v for k, v in metrics.items() if k.startswith("cluster_head") and not math.isnan(v)]
         out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        out["cluster_loss"] = min(heads) if heads else math.nan
-        out.update({name: math.nan for name in FINAL_METRICS})  # known only after training
+        out["cluster_loss"] = _cluster_loss(metrics)
+        heads = [metrics[f"cluster_head{h}"] for h in range(self.cfg.model.n_head)]
+        if any(not math.isnan(v) for v in heads):
+            trained = TrainedModel(self.model, self.cfg, {"num_base": self.num_base}, select_head(heads))
+            self.k_score = cluster_score(trained, self.score_regions)
+        out["k_score"] = self.k_score
+        out.update({name: math.nan for name in GT_METRICS})  # known only after training
         if checkpoint is None:
             tune.report(out)
             return
@@ -78,38 +100,35 @@ class TuneContext:
         return None
 
 
-def final_scores(trained: TrainedModel, regions: pa.Table) -> dict[str, float]:
-    """Label-free ``k_score`` and, when gt exists, image-level ``nmi``/``ari``/``f1``."""
+def gt_scores(trained: TrainedModel, regions: pa.Table) -> dict[str, float]:
+    """Image-level ``nmi``/``ari``/``f1`` when every image has gt, else nothing."""
     outputs = local_infer(trained, regions)
     probs = region_probabilities(trained, outputs.logits)
-    prototypes = trained.model.heads.prototypes()[trained.head, trained.class_map["num_base"]:]
-    scores = {"k_score": trained_k_score(trained.cfg.method, outputs.feat, probs, prototypes.detach().cpu().numpy())}
     images, _ = image_predictions(regions, probs, trained.cfg.infer.area_temperature)
     truth = images.column("gt_type").to_pylist()
-    if all(truth):
-        scores.update(cluster_metrics(truth, images.column("cluster").to_pylist()))
-    return scores
+    return cluster_metrics(truth, images.column("cluster").to_pylist()) if all(truth) else {}
 
 
-def trial(config: dict[str, Any]) -> None:
-    """One Tune trial: the base config with this trial's ``--set`` values."""
+def trial(config: dict[str, Any], regions: pa.Table, base: pa.Table | None) -> None:
+    """One Tune trial: the base config with this trial's ``--set`` values, on ``regions``/``base``."""
     import torch
 
     cfg = apply_overrides(from_dict(ExperimentConfig, config["base"]),
                           [f"{key}={value}" for key, value in config["params"].items()])
-    regions = read_regions(config["regions"], cfg.s3)
-    base = read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None
-    ctx = TuneContext("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = TuneContext("cuda" if torch.cuda.is_available() else "cpu", cfg, len(base_classes(base)),
+                      score_sample(regions))
     result = train(cfg, regions, base, ctx)
     trained = TrainedModel(result.model.eval(), cfg, result.class_map, result.selected_head)
     final = dict(result.history[-1]) if result.history else {}
-    heads = [v for k, v in final.items() if k.startswith("cluster_head") and not math.isnan(v)]
-    scores = {name: math.nan for name in FINAL_METRICS} | final_scores(trained, regions)
-    tune.report({**final, "cluster_loss": min(heads) if heads else math.nan, **scores})
+    scores = {name: math.nan for name in GT_METRICS} | gt_scores(trained, regions)
+    tune.report({**final, "cluster_loss": _cluster_loss(final), "k_score": ctx.k_score,
+                 "novel_regions": regions.num_rows, **scores})
 
 
-def param_space(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Grid over K, random choice over the other searched keys (``tune.*`` lists)."""
+def search_space(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The searched keys: a grid over K, a random choice over the other ``tune.*`` lists, and
+    ``tune.num_samples // len(K grid)`` seeds as a grid (one trial per grid point), so repeats
+    of a K never repeat the same run."""
     params: dict[str, Any] = {}
     for field, key in SEARCH_KEYS.items():
         values = getattr(cfg.tune, field)
@@ -118,34 +137,58 @@ def param_space(cfg: ExperimentConfig) -> dict[str, Any]:
     if not params:
         raise ValueError("nothing to search: set at least one of tune.k_values, tune.memax_weight, tune.sup_weight, "
                          "tune.lr, tune.teacher_temp (e.g. --set tune.k_values=4,5,6)")
+    repeats = max(1, cfg.tune.num_samples // (len(cfg.tune.k_values) or 1))
+    if repeats > 1:
+        params["train.seed"] = tune.grid_search([cfg.train.seed + i for i in range(repeats)])
     return params
 
 
-def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None = None) -> dict[str, Any]:
-    """Run the search on the connected cluster; returns the best trial's summary."""
+def run_tune(cfg: ExperimentConfig, regions: pa.Table | str, storage_path: str | None = None) -> dict[str, Any]:
+    """Run the search on the connected cluster over ``regions`` (a table, or a URI read
+    here); one search per category with ``train.per_category``. Returns the best trial's
+    summary, or ``{"per_category": {category: summary}, ...}``."""
     metric = cfg.tune.metric
     if metric not in MODES:
-        raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)}")
+        raise ValueError(f"tune.metric={metric!r}; valid: {', '.join(MODES)} (cluster_loss contains "
+                         "memax_weight x L_me and is not a fair selection score)")
     cfg = absolute_paths(validate(cfg))
-    regions_uri = io.absolute(regions_uri)
-    if not cfg.tune.k_values and not isinstance(cfg.train.num_novel, int):  # auto / gt: once, for every trial
-        cfg, _ = choose_k(cfg, read_regions(regions_uri, cfg.s3))
-    if cfg.train.base_table == SYNTHETIC_BASE:  # built once here, read by every trial
+    if not isinstance(regions, pa.Table):
+        regions = read_regions(io.absolute(regions), cfg.s3)
+    base = None
+    if cfg.train.base_table == SYNTHETIC_BASE:  # built once here, handed to every trial
         from ray_jobs.discover import ray_stages
 
-        base_set(cfg, ray_stages())
+        base = base_set(cfg, ray_stages())
         cfg = apply_overrides(cfg, [f"train.base_table={io.join(cfg.output, 'base', REGIONS_DIR)}"])
+    elif cfg.train.base_table:
+        base = read_regions(cfg.train.base_table, cfg.s3)
     storage = io.absolute(storage_path or io.join(cfg.output, "tune"))
-    k_grid = len(cfg.tune.k_values) or 1
+    groups = category_groups(cfg, regions)
+    if len(groups) == 1:
+        return _search(cfg, regions, base, storage)
+    per_category = {name: _search(apply_overrides(cfg, [f"data.categories={name}", f"name={cfg.name}-{name}"]),
+                                  part, base, io.join(storage, name))
+                    for name, part in groups}
+    return {"per_category": per_category, "metric": metric, "storage": storage,
+            "num_trials": sum(s["num_trials"] for s in per_category.values())}
+
+
+def _search(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None, storage: str) -> dict[str, Any]:
+    """One Tune search over ``regions``; trials and the best config written to ``storage``."""
+    metric = cfg.tune.metric
+    if not cfg.tune.k_values and not isinstance(cfg.train.num_novel, int):  # auto / gt: once, for every trial
+        cfg, _ = choose_k(cfg, regions)
+    params = search_space(cfg)
+    # ASHA compares trials on the per-epoch k_score; a pure K grid runs every K to the end
+    prune = metric == "k_score" and (len(params) > 1 or "train.num_novel" not in params)
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=cfg.tune.grace_period,
-                               max_t=cfg.train.epochs + 1)
-                 if metric == "cluster_loss" else FIFOScheduler())
-    trainable = tune.with_resources(trial, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+                               max_t=cfg.train.epochs + 1) if prune else FIFOScheduler())
+    trainable = tune.with_resources(tune.with_parameters(trial, regions=regions, base=base),
+                                    {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        param_space={"base": to_dict(cfg), "regions": regions_uri, "params": param_space(cfg)},
-        tune_config=tune.TuneConfig(metric=metric, mode=MODES[metric], scheduler=scheduler,
-                                    num_samples=max(1, cfg.tune.num_samples // k_grid)),
+        param_space={"base": to_dict(cfg), "params": params},
+        tune_config=tune.TuneConfig(metric=metric, mode=MODES[metric], scheduler=scheduler, num_samples=1),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
                                   storage_filesystem=io.filesystem(storage, cfg.s3)[0] if io.is_s3(storage) else None),
     )
@@ -155,13 +198,11 @@ def run_tune(cfg: ExperimentConfig, regions_uri: str, storage_path: str | None =
     best_params = best.config["params"]
     best_cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in best_params.items()])
     keep = [c for c in frame.columns if c.startswith("config/params/") or c in
-            ("trial_id", "cluster_loss", "k_score", "nmi", "ari", "f1", "epoch", "training_iteration")]
+            ("trial_id", "cluster_loss", "k_score", *GT_METRICS, "novel_regions", "epoch", "training_iteration")]
     io.write_table(pa.Table.from_pandas(frame[keep].reset_index(drop=True)), io.join(storage, "trials.csv"), cfg.s3)
     io.write_bytes(io.join(storage, "best_config.yaml"), dump_config(best_cfg).encode(), cfg.s3)
-    summary = {"best_params": best_params, "metric": metric, "best_value": best.metrics.get(metric),
-               "num_trials": len(frame), "storage": storage,
-               "scores_by_k": _scores_by_k(frame, metric)}
-    return summary
+    return {"best_params": best_params, "metric": metric, "best_value": best.metrics.get(metric),
+            "num_trials": len(frame), "storage": storage, "scores_by_k": _scores_by_k(frame, metric)}
 
 
 def _scores_by_k(frame, metric: str) -> dict[int, float] | None:
