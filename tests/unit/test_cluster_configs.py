@@ -282,7 +282,7 @@ def test_bare_config_names_resolve(source, module, args):
     if not module_file.is_file():
         pytest.skip(f"ray_jobs/{module}.py does not exist (test_command reports it)")
     src = module_file.read_text()
-    resolves = "config_path(" in src or "discover_config(" in src
+    resolves = any(f"{name}(" in src for name in ("config_path", "discover_config", "detect_config"))
     assert resolves, f"{source}: ray_jobs/{module}.py must resolve --config {config!r} with ray_jobs.cli.config_path"
 
 
