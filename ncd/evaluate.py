@@ -1,7 +1,8 @@
-"""Evaluation of a predictions table: metrics per category and their unweighted mean."""
+"""Evaluation of a predictions table: metrics per category, their unweighted and their
+sample-weighted mean, and how many rows were scored."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import pyarrow as pa
 
@@ -12,10 +13,12 @@ METRIC_NAMES = ("nmi", "ari", "f1")
 
 
 def evaluate_predictions(table: pa.Table, truth_column: str = "gt_type", pred_column: str = "cluster",
-                         category_column: str = "category") -> dict[str, Any]:
-    """NMI, ARI and Hungarian-matched F1 per category and their unweighted mean.
+                         category_column: str = "category",
+                         k: int | Mapping[str, int] | None = None) -> dict[str, Any]:
+    """``ncd.metrics.per_category_metrics`` of a predictions table (``k``: see there).
 
-    Rows with an empty truth are skipped (no ground truth known for them).
+    Rows with an empty truth are not scored (no ground truth known for them):
+    ``num_samples`` counts the scored rows, ``num_dropped`` the others.
     """
     for col in (truth_column, pred_column, category_column):
         if col not in table.column_names:
@@ -26,16 +29,33 @@ def evaluate_predictions(table: pa.Table, truth_column: str = "gt_type", pred_co
     keep = [i for i, t in enumerate(truth) if t not in (None, "")]
     if not keep:
         raise DataError(f"predictions table has no ground truth in column {truth_column!r}")
-    result = per_category_metrics([cats[i] for i in keep], [truth[i] for i in keep], [pred[i] for i in keep])
-    result["num_samples"] = len(keep)
+    result = per_category_metrics([cats[i] for i in keep], [truth[i] for i in keep], [pred[i] for i in keep], k)
+    result["num_samples"], result["num_dropped"] = len(keep), table.num_rows - len(keep)
     return result
 
 
+def scored_text(result: Mapping[str, Any]) -> str:
+    """How many rows a result scored and dropped, in words."""
+    dropped = result.get("num_dropped", 0)
+    return (f"scored {result['num_samples']} rows" + (f"; {dropped} without ground truth not scored" if dropped else "")
+            + (f"; fewer samples than K in: {', '.join(map(str, result['few_samples']))}"
+               if result.get("few_samples") else ""))
+
+
 def metrics_markdown(result: dict[str, Any], title: str = "Metrics") -> str:
-    """A Markdown table: one row per category and the mean."""
-    lines = [f"### {title}", "", "| category | NMI | ARI | F1 |", "| --- | --- | --- | --- |"]
+    """A Markdown table: one row per category with its samples (``*``: fewer than K), the
+    mean over categories and the sample-weighted mean; then what was scored."""
+    lines = [f"### {title}", "", "| category | samples | NMI | ARI | F1 |", "| --- | --- | --- | --- | --- |"]
+    few = set(result.get("few_samples", ()))
     for cat, m in result["per_category"].items():
-        lines.append(f"| {cat} | " + " | ".join(f"{m[k]:.3f}" for k in METRIC_NAMES) + " |")
-    mean = result["mean"]
-    lines.append("| **mean** | " + " | ".join(f"**{mean[k]:.3f}**" for k in METRIC_NAMES) + " |")
+        n = f"{result['samples'][cat]}{'*' if cat in few else ''}" if "samples" in result else ""
+        lines.append(f"| {cat} | {n} | " + " | ".join(f"{m[k]:.3f}" for k in METRIC_NAMES) + " |")
+    for name, key in (("mean", "mean"), ("weighted mean", "weighted_mean")):
+        if key in result:
+            lines.append(f"| **{name}** | | " + " | ".join(f"**{result[key][k]:.3f}**" for k in METRIC_NAMES) + " |")
+    if few:
+        lines += ["", "\\* fewer samples than K: the scores of such a category say little."]
+    if "num_samples" in result:
+        text = scored_text(result)
+        lines += ["", text[0].upper() + text[1:] + "."]
     return "\n".join(lines) + "\n"

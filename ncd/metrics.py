@@ -8,7 +8,7 @@ Segmentation: AUPRO up to a false-positive-rate limit, as MVTec AD's reference
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Iterator, Sequence
+from typing import Any, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import label as _label_components
@@ -152,13 +152,19 @@ def confusion_matrix_matched(
 
 
 def per_category_metrics(
-    categories: Sequence[Hashable], y_true: Sequence[Any], y_pred: Sequence[int]
-) -> dict[str, dict[Any, Any]]:
-    """``cluster_metrics`` per category (each matched on its own) and their unweighted mean.
+    categories: Sequence[Hashable], y_true: Sequence[Any], y_pred: Sequence[int],
+    k: int | Mapping[Hashable, int] | None = None,
+) -> dict[str, Any]:
+    """``cluster_metrics`` per category (each matched on its own), their unweighted mean and
+    their sample-weighted mean.
 
-    categories, y_true, y_pred: (N,) per sample. Returns {"per_category": {category:
-    metrics} in first-appearance order, "mean": metrics averaged over categories with
-    equal weight} (METHOD.md 7.2).
+    categories, y_true, y_pred: (N,) per sample. ``k``: the number of classes the model
+    was asked for, one for all or per category (default: the category's gt type count,
+    at least 2). Returns {"per_category": {category: metrics} in first-appearance order,
+    "mean": metrics averaged over categories with equal weight (METHOD.md 7.2),
+    "weighted_mean": averaged with each category weighted by its samples, "samples":
+    {category: samples}, "few_samples": categories with fewer samples than K (their
+    scores say little: one sample always scores NMI 1)}.
     """
     cats = list(categories)
     t_arr = np.asarray(y_true)
@@ -175,8 +181,21 @@ def per_category_metrics(
     per_category = {
         c: cluster_metrics(t_arr[np.asarray(idx)], p_arr[np.asarray(idx)]) for c, idx in groups.items()
     }
-    mean = {k: float(np.mean([m[k] for m in per_category.values()])) for k in ("nmi", "ari", "f1")}
-    return {"per_category": per_category, "mean": mean}
+    samples = {c: len(idx) for c, idx in groups.items()}
+
+    def k_of(c: Hashable) -> int:
+        if isinstance(k, Mapping) and c in k:
+            return int(k[c])
+        if isinstance(k, int):
+            return k
+        return max(2, len(set(t_arr[np.asarray(groups[c])].tolist())))
+
+    names = ("nmi", "ari", "f1")
+    mean = {m: float(np.mean([v[m] for v in per_category.values()])) for m in names}
+    total = sum(samples.values())
+    weighted = {m: float(sum(v[m] * samples[c] for c, v in per_category.items()) / total) for m in names}
+    return {"per_category": per_category, "mean": mean, "weighted_mean": weighted, "samples": samples,
+            "few_samples": [c for c in per_category if samples[c] < k_of(c)]}
 
 
 # --------------------------------------------------------------------------- AUPRO

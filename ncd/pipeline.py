@@ -24,12 +24,13 @@ from ncd.catalog import build_manifest
 from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, to_dict
 from ncd.data import eval_set
 from ncd.engine import LocalContext, train, view_spec
-from ncd.evaluate import evaluate_predictions, metrics_markdown
+from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
 from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 from ncd.method import build_model, guide_columns
-from ncd.predict import TrainedModel, image_predictions, region_predictions, region_probabilities, save_model
+from ncd.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
+                         warn_unseen_categories)
 from ncd.region_table import read_regions, update_regions
 from ncd.validation import validate
 
@@ -70,6 +71,7 @@ def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None)
 
 def local_infer(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
     cfg = trained.cfg
+    warn_unseen_categories(trained, regions.column("category").to_pylist())
     return forward_regions(trained.model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size,
                            next(trained.model.parameters()).device, cfg.train.amp)
 
@@ -190,11 +192,13 @@ def write_predictions(out: str, name: str, table: pa.Table, s3) -> None:
     io.write_table(flat, io.join(out, f"{name}.csv"), s3)
 
 
-def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table) -> dict[str, Any] | None:
-    """Image- and region-level metrics, or None without ground truth."""
+def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table,
+                    k: int | dict[str, int] | None = None) -> dict[str, Any] | None:
+    """Image- and region-level metrics (``k``: the K of every category, or per category),
+    or None without ground truth."""
     if not any(image_pred.column("gt_type").to_pylist()):
         return None
-    return {"image": evaluate_predictions(image_pred), "region": evaluate_predictions(region_pred)}
+    return {"image": evaluate_predictions(image_pred, k=k), "region": evaluate_predictions(region_pred, k=k)}
 
 
 def with_detected_maps(cfg: ExperimentConfig, stages: Stages, progress: Callable[[str], None]) -> ExperimentConfig:
@@ -279,7 +283,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     k_info = k_infos[groups[0][0]] if len(groups) == 1 else {"per_category": k_infos}
 
     done = stage(6, "evaluate")
-    metrics = evaluate_tables(region_pred, image_pred)
+    metrics = evaluate_tables(region_pred, image_pred, k_info["k"] if len(groups) == 1
+                              else {name: info["k"] for name, info in k_infos.items()})
     try:
         from ncd.report import write_report
 
@@ -305,8 +310,11 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines = [f"ncd discover: {summary['images']} images, {summary['regions']} regions, {ks}"]
     if summary["metrics"]:
         for level in ("image", "region"):
-            m = summary["metrics"][level]["mean"]
-            lines.append(f"  {level:6s} level: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  F1 {m['f1']:.3f}")
+            result = summary["metrics"][level]
+            m, w = result["mean"], result["weighted_mean"]
+            lines.append(f"  {level:6s} level: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  F1 {m['f1']:.3f}"
+                         + (f"  (weighted by samples: NMI {w['nmi']:.3f}  ARI {w['ari']:.3f}  F1 {w['f1']:.3f})"
+                            if len(result["per_category"]) > 1 else "") + f"; {scored_text(result)}")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     lines.append(f"  output: {summary['output']} (report.md, predictions, model.pt)")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import io as _io
 import logging
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +90,24 @@ def image_predictions(regions: pa.Table, probs: np.ndarray, area_temperature: fl
         "num_regions": [counts[i] for i in ids],
     }, schema=IMAGE_PRED_SCHEMA)
     return table, merged
+
+
+class UnseenCategoryWarning(UserWarning):
+    """A model is applied to a category it was not trained on."""
+
+
+def warn_unseen_categories(trained: TrainedModel, categories: Iterable[str]) -> list[str]:
+    """The categories among ``categories`` that ``trained`` never saw in training, with a
+    warning when there are any (its labels for them are confident guesses). A model file
+    without the record of its categories is not checked."""
+    seen = trained.class_map.get("categories")
+    unseen = sorted(set(categories) - set(seen)) if seen else []
+    if unseen:
+        warnings.warn(f"the model was trained on categor{'y' if len(seen) == 1 else 'ies'} {', '.join(seen)} and "
+                      f"never saw {', '.join(unseen)}: its clusters for those regions are not meaningful; "
+                      "train on them (ncd discover) or use the model of their category", UnseenCategoryWarning,
+                      stacklevel=2)
+    return unseen
 
 
 def head_probabilities(logits: list[np.ndarray], head: int, num_base: int, temperature: float) -> np.ndarray:

@@ -49,6 +49,7 @@ OPTIONAL_COLUMNS = ("gt_type", "top3", "top3_prob", "image_id", "area")
 LEVELS = ("image", "region")
 MAX_COMPOSITION = 4  # true types listed per cluster in the cluster table
 NA = "—"
+FEW_MARK = "\\*"  # a Markdown asterisk: the category has fewer samples than K
 
 
 @dataclass(frozen=True)
@@ -107,20 +108,31 @@ def _fmt(value: Any) -> str:
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:
-    """Markdown table: one row per category and the mean; NMI/ARI/F1 per level present."""
+    """Markdown table: one row per category with its sample counts (``*``: fewer samples
+    than K), the mean over categories and the sample-weighted mean; NMI/ARI/F1 per level
+    present."""
     levels = [lv for lv in LEVELS if metrics.get(lv)]
     if not levels:
         return ""
     cats: list[Any] = []
     for lv in levels:
         cats += [c for c in metrics[lv]["per_category"] if c not in cats]
-    head = ["category"] + [f"{lv} {m.upper() if m != 'f1' else 'F1'}" for lv in levels for m in METRIC_NAMES]
+    counted = [lv for lv in levels if "samples" in metrics[lv]]
+    head = (["category"] + [f"{lv}s" for lv in counted]
+            + [f"{lv} {m.upper() if m != 'f1' else 'F1'}" for lv in levels for m in METRIC_NAMES])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    few = {c for lv in levels for c in metrics[lv].get("few_samples", ())}
     for c in cats:
+        counts = [str(metrics[lv]["samples"].get(c, NA)) for lv in counted]
         vals = [_fmt(metrics[lv]["per_category"].get(c, {}).get(m)) for lv in levels for m in METRIC_NAMES]
-        lines.append(f"| {_md(c)} | " + " | ".join(vals) + " |")
-    vals = [f"**{_fmt(metrics[lv]['mean'].get(m))}**" for lv in levels for m in METRIC_NAMES]
-    lines.append("| **mean** | " + " | ".join(vals) + " |")
+        lines.append(f"| {_md(c)}{FEW_MARK if c in few else ''} | " + " | ".join(counts + vals) + " |")
+    for name, key in (("mean", "mean"), ("weighted mean", "weighted_mean")):
+        if all(key in metrics[lv] for lv in levels):
+            vals = [f"**{_fmt(metrics[lv][key].get(m))}**" for lv in levels for m in METRIC_NAMES]
+            lines.append(f"| **{name}** | " + " | ".join([""] * len(counted) + vals) + " |")
+    if few:
+        lines += ["", f"{FEW_MARK} fewer samples than K: this category's scores say little "
+                  "(one sample always scores NMI 1)."]
     return "\n".join(lines) + "\n"
 
 
@@ -367,7 +379,8 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
 
     table = metrics_table(metrics) if metrics else ""
     if table:
-        md += ["## Metrics", "", "Per category (each matched on its own) and their unweighted mean.", "", table]
+        md += ["## Metrics", "", "Per category (each matched on its own), their unweighted mean and their mean "
+               "weighted by samples.", "", table]
 
     found = {c: len(set(np.concatenate([img.cluster, reg.cluster]).tolist()) - {UNKNOWN})
              for c, (img, reg) in per_cat.items()}

@@ -27,7 +27,7 @@ from ncd.data import eval_set
 from ncd.engine import view_spec
 from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
-from ncd.predict import TrainedModel, load_model, model_from_state, model_state
+from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
 from ncd.region_table import ORDER_COLUMNS, canonical_order
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: in
     else:
         if regions.num_rows == 0:
             return RegionOutputs(np.zeros((0, trained.model.feature_dim), np.float32), [])
+        warn_unseen_categories(trained, regions.column("category").to_pylist())
         carry = (ROW,)
         ds = ray.data.from_arrow(regions.select(columns).append_column(ROW, pa.array(np.arange(regions.num_rows))))
     cpus = cpus_per_actor if cpus_per_actor is not None else (1.0 if use_gpu else 0.5)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address=args.address, ignore_reinit_error=True)
     trained = load_model(args.model, s3)
     regions = region_metadata(args.regions, s3)  # crops stay in storage: the actors stream them
+    warn_unseen_categories(trained, regions.column("category").to_pylist())
     outputs = run_inference(trained, args.regions, args.num_actors, args.use_gpu, s3=s3)
     if len(outputs.feat) != regions.num_rows:
         raise RuntimeError(f"inference returned {len(outputs.feat)} rows for {regions.num_rows} regions")

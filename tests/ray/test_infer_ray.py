@@ -75,3 +75,19 @@ def test_streaming_inference_from_s3(trained_and_regions, ray_local, s3_config, 
     io.write_table(regions, io.join(s3_prefix, "regions", "part-0.parquet"), s3_config)
     got = run_inference(trained, io.join(s3_prefix, "regions"), s3=s3_config)  # the workers read the bucket
     _assert_same(got, _expected(trained, regions))
+
+
+def test_inference_cli_warns_on_a_category_the_model_never_saw(demo_root, ray_local, tmp_path):
+    from ncd.predict import UnseenCategoryWarning, save_model
+    from ncd.region_table import write_regions
+    from ray_jobs.infer import main
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}"])
+    regions = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data)
+    uri = write_regions(regions, str(tmp_path / "pp"))
+    trained = TrainedModel(build_model(cfg, 0, 3).eval(), cfg, {"num_base": 0, "num_novel": 3, "base_classes": [],
+                                                                 "categories": ["plate"]}, 0)
+    save_model(trained, str(tmp_path / "model.pt"))
+    with pytest.warns(UnseenCategoryWarning, match="never saw fabric"):
+        main(["--model", str(tmp_path / "model.pt"), "--regions", uri, "--out", str(tmp_path / "pred")])
+    assert io.read_table(str(tmp_path / "pred" / "region_predictions.parquet")).num_rows == regions.num_rows

@@ -17,12 +17,14 @@ def test_catalog_preprocess_evaluate(demo_root, tmp_path, capsys):
     assert "[regions " in capsys.readouterr().err  # progress per category
     assert main(["preprocess", "--local", *common]) == 0  # a re-run skips the complete categories
     assert "0 images -> 0 regions" in capsys.readouterr().out and read_table(str(tmp_path / "regions")).equals(regions)
-    preds = pa.table({"category": ["c"] * 4, "gt_type": ["a", "a", "b", "b"], "cluster": [1, 1, 0, 0]})
+    preds = pa.table({"category": ["c"] * 5, "gt_type": ["a", "a", "b", "b", ""], "cluster": [1, 1, 0, 0, 1]})
     write_table(preds, str(tmp_path / "p.csv"))
     assert main(["evaluate", str(tmp_path / "p.csv"), "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["mean"] == {"nmi": 1.0, "ari": 1.0, "f1": 1.0}
-    assert "| c | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| c | 4 | 1.000 | 1.000 | 1.000 |" in out
+    assert "Scored 4 rows; 1 without ground truth not scored" in out  # never dropped silently
 
 
 def test_errors_are_clear_and_exit_2(tmp_path, capsys):

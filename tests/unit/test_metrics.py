@@ -182,6 +182,35 @@ def test_per_category_mean_is_unweighted_and_matched_per_category() -> None:
         per_category_metrics(cats[:-1], y_true, y_pred)
 
 
+def test_one_sample_category_is_counted_weighted_and_marked() -> None:
+    """A one-image category scores NMI 1.0 and lifts the plain mean: the result gives the
+    sample counts, a sample-weighted mean beside it, and marks categories with fewer samples than K."""
+    cats = ["lone"] + ["pill"] * 12
+    y_true = ["a"] + ["a", "b", "c"] * 4
+    y_pred = [0] + [0, 1, 2] * 3 + [1, 1, 1]
+    result = per_category_metrics(cats, y_true, y_pred, k=3)
+    pill = cluster_metrics(y_true[1:], y_pred[1:])
+    assert result["per_category"]["lone"]["nmi"] == 1.0
+    assert result["samples"] == {"lone": 1, "pill": 12}
+    for m in ("nmi", "ari", "f1"):
+        assert result["weighted_mean"][m] == pytest.approx((result["per_category"]["lone"][m] + 12 * pill[m]) / 13)
+    assert result["few_samples"] == ["lone"]
+    assert per_category_metrics(cats, y_true, y_pred, k={"lone": 1, "pill": 3})["few_samples"] == []
+    assert per_category_metrics(cats, y_true, y_pred)["few_samples"] == ["lone"]  # default K: gt types, >= 2
+
+
+def test_evaluate_says_how_many_rows_it_scored_and_dropped() -> None:
+    import pyarrow as pa
+
+    from ncd.evaluate import evaluate_predictions, metrics_markdown
+
+    table = pa.table({"category": ["c"] * 6, "gt_type": ["a", "a", "b", "b", "", None], "cluster": [0, 0, 1, 1, 0, 1]})
+    result = evaluate_predictions(table)
+    assert result["num_samples"] == 4 and result["num_dropped"] == 2
+    md = metrics_markdown(result)
+    assert "Scored 4 rows; 2 without ground truth not scored" in md and "weighted mean" in md
+
+
 # --------------------------------------------------------------------------- AUPRO
 
 

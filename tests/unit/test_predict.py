@@ -44,3 +44,30 @@ def test_saved_model_predicts_the_same(tmp_path):
     a, b = model(images, masks), loaded.model(images, masks)
     assert loaded.head == 1 and loaded.class_map["num_novel"] == 3
     assert all(torch.allclose(x, y) for x, y in zip(a["logits"], b["logits"]))
+
+
+def test_inference_on_a_category_the_model_never_saw_warns(demo_root):
+    import warnings
+
+    import pytest
+
+    from ncd.catalog import build_manifest
+    from ncd.config import load_config
+    from ncd.model.ncd_model import build_ncd_model
+    from ncd.pipeline import local_infer
+    from ncd.predict import UnseenCategoryWarning, warn_unseen_categories
+    from ncd.preprocess import preprocess_manifest
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}"])
+    regions = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data)
+    assert set(regions.column("category").to_pylist()) == {"fabric", "plate"}
+    trained = TrainedModel(build_ncd_model(cfg.model, 0, 3).eval(), cfg,
+                           {"num_base": 0, "num_novel": 3, "categories": ["plate"]}, 0)
+    with pytest.warns(UnseenCategoryWarning, match="never saw fabric"):
+        outputs = local_infer(trained, regions)
+    assert len(outputs.feat) == regions.num_rows  # it still labels them, loudly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnseenCategoryWarning)
+        assert warn_unseen_categories(trained, ["plate"]) == []
+        seen_all = TrainedModel(trained.model, cfg, {**trained.class_map, "categories": ["fabric", "plate"]}, 0)
+        assert warn_unseen_categories(seen_all, regions.column("category").to_pylist()) == []

@@ -105,6 +105,8 @@ def test_report_writes_and_links_every_plot(regions_all, tmp_path):
         for m in ("nmi", "ari", "f1"):
             assert f"{result['per_category']['plate'][m]:.3f}" in table_row(md, "plate", "## Metrics")
             assert f"**{result['mean'][m]:.3f}**" in md
+            assert f"**{result['weighted_mean'][m]:.3f}**" in table_row(md, "**weighted mean**", "## Metrics")
+        assert str(result["samples"]["plate"]) in table_row(md, "plate", "## Metrics")
     assert "How to read this" in md and "## Number of classes (K)" in md
 
 
