@@ -94,7 +94,8 @@ def run_detect(cfg: ExperimentConfig, rows: Sequence[dict] | None = None, num_ac
 
     def run_subsets(reference, subsets, mode, dcfg):
         ref = ray.put(reference)
-        pending = [_score.remote(q, s, ref, mode, dcfg) for q, s in subsets]
+        score = _score.options(num_gpus=1) if use_gpu else _score
+        pending = [score.remote(q, s, ref, mode, dcfg) for q, s in subsets]
         waiting = list(pending)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)

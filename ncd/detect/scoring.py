@@ -41,25 +41,28 @@ def _to_distance(sims: torch.Tensor) -> torch.Tensor:
 
 def _exact_rows(query: torch.Tensor, ref: torch.Tensor, ref_image: torch.Tensor, n_images: int,
                 self_image: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the k smallest image minima for every query row, by blocked products."""
+    """Mean of the k smallest image minima for every query row, by blocked products (on the
+    GPU when there is one)."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = torch.empty(query.shape[0], dtype=torch.float32)
     rows = max(1, BLOCK_ELEMENTS // max(1, ref.shape[0]))
     per_image = ref.shape[0] // n_images
     whole_images = per_image * n_images == ref.shape[0] and torch.equal(
         ref_image, torch.arange(n_images).repeat_interleave(per_image))
+    ref, ref_image, self_image = ref.to(dev), ref_image.to(dev), self_image.to(dev)
     for start in range(0, query.shape[0], rows):
-        sims = query[start:start + rows] @ ref.T  # (b, R)
+        sims = query[start:start + rows].to(dev) @ ref.T  # (b, R)
         if whole_images:  # references stored image by image: a reshape instead of a scatter
             best = sims.view(sims.shape[0], n_images, per_image).amax(-1)
         else:
-            best = torch.full((sims.shape[0], n_images), -math.inf, dtype=sims.dtype)
+            best = torch.full((sims.shape[0], n_images), -math.inf, dtype=sims.dtype, device=dev)
             best.scatter_reduce_(1, ref_image.expand(sims.shape[0], -1), sims, reduce="amax")
         own = self_image[start:start + rows]
         has_own = own >= 0
         if has_own.any():
             best[has_own.nonzero()[:, 0], own[has_own]] = -math.inf
         top = best.topk(k, dim=1).values
-        out[start:start + rows] = _to_distance(top).mean(1)
+        out[start:start + rows] = _to_distance(top).mean(1).cpu()
     return out
 
 
@@ -106,7 +109,8 @@ def image_minima_mean(query: torch.Tensor, ref: torch.Tensor, ref_image: torch.T
 
     query (n, C) and ref (R, C): L2-normalised float32; ref_image (R,): image id of each
     reference row (0..n_images-1); self_image (n,): the query row's own image id among the
-    references, or -1. ``method``: ``exact`` or ``faiss`` (same result, see module doc).
+    references, or -1. ``method``: ``exact`` or ``faiss`` (same result, see module doc; with
+    a GPU the blocked products run there for both).
     """
     query, ref = query.float().contiguous(), ref.float().contiguous()
     ref_image, self_image = ref_image.long(), self_image.long()
@@ -114,7 +118,7 @@ def image_minima_mean(query: torch.Tensor, ref: torch.Tensor, ref_image: torch.T
     available = n_images - int((self_image >= 0).any())
     if k > available:
         raise ValueError(f"need {k} reference images besides the query's own, have {available}")
-    if method == "faiss":
+    if method == "faiss" and not torch.cuda.is_available():
         return _faiss_rows(query, ref, ref_image, n_images, self_image, k, candidates)[0]
     return _exact_rows(query, ref, ref_image, n_images, self_image, k)
 
