@@ -33,6 +33,7 @@ class S3Config:
     access_key: str = ""
     secret_key: str = ""
     connect_timeout_s: float = 5.0
+    request_timeout_s: float = 10.0  # a request that receives nothing for this long fails (2 attempts)
 
 
 @dataclass(frozen=True)
@@ -387,9 +388,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return apply_overrides(cfg, overrides)
 
 
+SECRET_KEYS = ("s3.access_key", "s3.secret_key")  # never written, logged or passed to a worker
+
+
+def redacted(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` without its secrets (``SECRET_KEYS`` emptied): the config that may be
+    written, printed or handed to a worker. Workers take S3 credentials from their
+    environment (the Ray job's runtime env), as the AWS SDK does."""
+    return dataclasses.replace(cfg, s3=dataclasses.replace(cfg.s3, access_key="", secret_key=""))
+
+
+def public_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``to_dict`` of ``redacted(cfg)``: what summaries, model files and checkpoints store."""
+    return to_dict(redacted(cfg))
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
-    """YAML text of ``cfg``."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """YAML text of ``cfg`` without its secrets."""
+    return yaml.safe_dump(public_dict(cfg), sort_keys=False)
 
 
 PATH_KEYS = ("output", "data.root", "data.maps", "data.manifest", "preprocess.output", "train.base_table",

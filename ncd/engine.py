@@ -18,7 +18,7 @@ from torch import nn
 
 from ncd import dist, io
 from ncd.augment import ViewSpec
-from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
+from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, public_dict
 from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
@@ -94,7 +94,7 @@ RESUME_FREE_KEYS = ("train.epochs", "train.loader_workers", "train.checkpoint_ev
 def check_resumable(checkpoint: dict[str, Any], cfg: ExperimentConfig, class_map: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint trained with other settings or classes (a re-run in
     the same output folder with a changed config would otherwise continue the old model)."""
-    saved, now = flat_dict(checkpoint.get("config", {})), flat_dict(to_dict(cfg))
+    saved, now = flat_dict(checkpoint.get("config", {})), flat_dict(public_dict(cfg))
     sections = ("method", "model.", "loss.", "proto.", "train.")
     differ = sorted(k for k in set(saved) | set(now) if k.startswith(sections) and k not in RESUME_FREE_KEYS
                     and saved.get(k) != now.get(k))
@@ -277,7 +277,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         checkpoint = None
         if ctx.rank == 0 and (last or (tc.checkpoint_every > 0 and (epoch + 1) % tc.checkpoint_every == 0)):
             checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "config": to_dict(cfg), "class_map": class_map, "head_losses": head_losses,
+                          "config": public_dict(cfg), "class_map": class_map, "head_losses": head_losses,
                           "history": history}
         ctx.report(metrics, checkpoint)
 

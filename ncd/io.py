@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ncd.config import S3Config
 
+S3_ATTEMPTS = 2  # tries per S3 request (a silent endpoint fails after about 2 x s3.request_timeout_s)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAP_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -45,6 +47,17 @@ def absolute(uri: str) -> str:
     return uri if is_s3(uri) else os.path.abspath(uri)
 
 
+def safe_name(name: str) -> str:
+    """``name`` (a category, say) as one path segment: percent-encoded, so ``/`` and
+    ``=`` never split it or make a hive partition, and never hidden or relative (a
+    leading ``.`` or ``_`` is encoded too, so ``..`` cannot climb out of a folder).
+    ``urllib.parse.unquote`` gives the name back."""
+    if not name:
+        raise DataError("an empty name cannot be a file or folder name")
+    quoted = urllib.parse.quote(name, safe="")
+    return f"%{ord(quoted[0]):02X}{quoted[1:]}" if quoted[0] in "._" else quoted
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI or path components with '/'."""
     out = base.rstrip("/")
@@ -62,11 +75,12 @@ class _S3Key:
     access_key: str
     secret_key: str
     connect_timeout_s: float
+    request_timeout_s: float
 
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(key: _S3Key) -> pafs.S3FileSystem:
-    kwargs: dict = {"connect_timeout": key.connect_timeout_s, "request_timeout": max(30.0, key.connect_timeout_s)}
+    kwargs: dict = {"connect_timeout": key.connect_timeout_s, "request_timeout": key.request_timeout_s}
     if key.endpoint_override:
         kwargs["endpoint_override"] = key.endpoint_override
         kwargs["scheme"] = key.scheme
@@ -75,7 +89,7 @@ def _s3_filesystem(key: _S3Key) -> pafs.S3FileSystem:
     if key.access_key:
         kwargs["access_key"] = key.access_key
         kwargs["secret_key"] = key.secret_key
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=2)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -91,7 +105,8 @@ def _s3_key(cfg: S3Config) -> _S3Key:
         scheme, endpoint = endpoint.split("://", 1)
     endpoint = endpoint.rstrip("/")
     region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
-    return _S3Key(endpoint, scheme, region, cfg.access_key, cfg.secret_key, cfg.connect_timeout_s)
+    return _S3Key(endpoint, scheme, region, cfg.access_key, cfg.secret_key, cfg.connect_timeout_s,
+                  cfg.request_timeout_s)
 
 
 def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
@@ -101,20 +116,32 @@ def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, s
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def _wrap_errors(uri: str, err: Exception) -> Exception:
+def _wrap_errors(uri: str, err: Exception, s3: S3Config | None = None) -> Exception:
+    """A one-line error naming ``uri`` (and the endpoint, for S3) and what to do."""
     if isinstance(err, FileNotFoundError):
         return FileNotFoundError(f"not found: {uri}")
     text = str(err)
-    if not is_s3(uri):
-        return err
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    if not is_s3(uri):
+        if isinstance(err, pa.ArrowInvalid):
+            return DataError(f"{uri}: cannot read it ({first})")
+        if isinstance(err, OSError):
+            reason = err.strerror or first
+            return StorageError(f"{uri}: {reason} (check the path, its permissions and the free space)")
+        return err
     if "NO_SUCH_BUCKET" in text:
         return StorageError(f"S3 bucket {uri[len('s3://'):].split('/', 1)[0]!r} does not exist ({uri}): {first}")
     if "ACCESS_DENIED" in text or "HTTP status 403" in text:
         return StorageError(f"access denied to {uri} (check the S3 credentials): {first}")
     if any(s in text for s in ("connect", "Connection", "resolve", "timed out", "Timeout",
                                "curlCode", "Unable to", "endpoint")):
-        return StorageError(f"cannot reach S3 for {uri}: {first}")
+        key = _s3_key(s3 or S3Config())
+        where = key.endpoint_override or "the default AWS endpoint"
+        return StorageError(f"cannot reach S3 endpoint {where} for {uri} (connect timeout {key.connect_timeout_s:g} s, "
+                            f"request timeout {key.request_timeout_s:g} s, {S3_ATTEMPTS} attempts): check "
+                            f"s3.endpoint_override and that the server is up ({first})")
+    if isinstance(err, pa.ArrowInvalid):
+        return DataError(f"{uri}: cannot read it ({first})")
     if isinstance(err, OSError) and uri not in text:
         return OSError(f"{uri}: {first}")
     return err
@@ -127,7 +154,7 @@ def read_bytes(uri: str, s3: S3Config | None = None) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
@@ -141,11 +168,16 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
             return
         fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):  # a full disk or an interruption leaves no partial file behind
+                os.remove(tmp)
+            raise
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
 
 
 def exists(uri: str, s3: S3Config | None = None) -> bool:
@@ -153,7 +185,7 @@ def exists(uri: str, s3: S3Config | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
 
 
 def is_dir(uri: str, s3: S3Config | None = None) -> bool:
@@ -161,7 +193,17 @@ def is_dir(uri: str, s3: S3Config | None = None) -> bool:
     try:
         return fs.get_file_info(path).type == pafs.FileType.Directory
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
+
+
+def _check_bucket(uri: str, fs: pafs.FileSystem) -> None:
+    """A StorageError naming the bucket of an ``s3://`` URI when it does not exist."""
+    if not is_s3(uri):
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise StorageError(f"S3 bucket {bucket!r} does not exist ({uri}): check the bucket name in the path "
+                           "and s3.endpoint_override")
 
 
 def list_files(root: str, s3: S3Config | None = None, extensions: Iterable[str] | None = None) -> list[str]:
@@ -171,12 +213,15 @@ def list_files(root: str, s3: S3Config | None = None, extensions: Iterable[str] 
     try:
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.Directory:
+            _check_bucket(root, fs)
             raise FileNotFoundError(f"not a directory: {root}")
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except StorageError:
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"not a directory: {root}") from None
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(root, err) from None
+        raise _wrap_errors(root, err, s3) from None
     base = path.rstrip("/") + "/"
     out = []
     for i in infos:
@@ -281,8 +326,12 @@ def read_table(uri: str, s3: S3Config | None = None) -> pa.Table:
         return pq.read_table(path, filesystem=fs)
     except FileNotFoundError:
         raise
+    except pa.ArrowInvalid as err:
+        kind = "CSV" if uri.endswith(".csv") else "Parquet"
+        raise DataError(f"{uri} is not a readable {kind} table ({str(err).strip().splitlines()[0]}); "
+                        "give a Parquet file (or folder of them) or a .csv file") from None
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
 
 
 def upload_dir(local_dir: str, dest: str, s3: S3Config | None = None) -> None:
@@ -297,7 +346,7 @@ def upload_dir(local_dir: str, dest: str, s3: S3Config | None = None) -> None:
         pafs.copy_files(os.path.abspath(local_dir), dst, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=dst_fs)
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(dest, err) from None
+        raise _wrap_errors(dest, err, s3) from None
 
 
 def delete_dir(uri: str, s3: S3Config | None = None) -> None:
@@ -306,7 +355,7 @@ def delete_dir(uri: str, s3: S3Config | None = None) -> None:
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(uri, err) from None
+        raise _wrap_errors(uri, err, s3) from None
 
 
 def replace_dir(staging: str, dest: str, s3: S3Config | None = None) -> None:
@@ -335,4 +384,4 @@ def replace_dir(staging: str, dest: str, s3: S3Config | None = None) -> None:
                 fs.copy_file(info.path, dst + info.path[len(src):])
         fs.delete_dir(src)
     except (OSError, pa.ArrowException) as err:
-        raise _wrap_errors(dest, err) from None
+        raise _wrap_errors(dest, err, s3) from None

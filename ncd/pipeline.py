@@ -21,7 +21,7 @@ import torch
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, to_dict
+from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, public_dict
 from ncd.data import eval_set
 from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
@@ -185,6 +185,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def model_path(num_groups: int, name: str) -> str:
+    """Where a trained model goes, relative to the output: ``model.pt`` for one model,
+    else ``models/<category>.pt`` (the name path-safe: ``io.safe_name``)."""
+    return "model.pt" if num_groups == 1 else f"models/{io.safe_name(name)}.pt"
+
+
 def write_predictions(out: str, name: str, table: pa.Table, s3) -> None:
     io.write_table(table, io.join(out, f"{name}.parquet"), s3)
     flat = table.drop_columns([c for c in ("top3", "top3_prob") if c in table.column_names])
@@ -253,14 +259,14 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
 
     groups = category_groups(cfg, regions)
-    parts, feats, region_preds, image_preds, k_infos, heads = [], [], [], [], {}, {}
+    parts, feats, region_preds, image_preds, k_infos, heads, models = [], [], [], [], {}, {}, {}
     for g, (name, part) in enumerate(groups):
         label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
         done = stage(4, "train" + label)
         part_cfg, k_info = choose_k(cfg, part)
         if len(groups) > 1:
             part_cfg = apply_overrides(part_cfg, [f"data.categories={name}",
-                                                  f"output={io.join(out, 'models', name)}"])
+                                                  f"output={io.join(out, 'models', io.safe_name(name))}"])
         trained = stages.train(part_cfg, part, base)
         done()
         done = stage(5, "infer" + label)
@@ -268,7 +274,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         probs = region_probabilities(trained, outputs.logits)
         region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
         image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
-        save_model(trained, io.join(out, "model.pt") if len(groups) == 1 else io.join(out, "models", f"{name}.pt"), s3)
+        models[name] = model_path(len(groups), name)
+        save_model(trained, io.join(out, models[name]), s3)
         parts.append(part)
         feats.append(outputs.feat)
         heads[name] = trained.head
@@ -297,8 +304,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
     seconds["total"] = round(time.perf_counter() - t_all, 2)
     summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
-               "selected_head": heads, "metrics": metrics, "seconds": seconds,
-               "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": to_dict(cfg)}
+               "selected_head": heads, "models": models, "metrics": metrics, "seconds": seconds,
+               "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": public_dict(cfg)}
     io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
     return summary
 
@@ -316,6 +323,8 @@ def summary_text(summary: dict[str, Any]) -> str:
                          + (f"  (weighted by samples: NMI {w['nmi']:.3f}  ARI {w['ari']:.3f}  F1 {w['f1']:.3f})"
                             if len(result["per_category"]) > 1 else "") + f"; {scored_text(result)}")
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
-    lines.append(f"  output: {summary['output']} (report.md, predictions, model.pt)")
+    models = list(summary.get("models", {}).values()) or ["model.pt"]
+    shown = models[0] if len(models) == 1 else f"models/<category>.pt for {len(models)} categories"
+    lines.append(f"  output: {summary['output']} (report.md, predictions, {shown})")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ncd import io
-from ncd.config import ExperimentConfig, S3Config, from_dict, to_dict
+from ncd.config import ExperimentConfig, S3Config, from_dict, public_dict
 from ncd.merge import merge_regions, novel_probs
 from ncd.method import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
@@ -123,7 +123,7 @@ def region_probabilities(trained: TrainedModel, logits: list[np.ndarray]) -> np.
 
 def model_state(trained: TrainedModel) -> dict[str, Any]:
     """Everything needed to rebuild ``trained`` (``model_from_state``)."""
-    return {"model": trained.model.state_dict(), "config": to_dict(trained.cfg), "class_map": trained.class_map,
+    return {"model": trained.model.state_dict(), "config": public_dict(trained.cfg), "class_map": trained.class_map,
             "head": trained.head}
 
 

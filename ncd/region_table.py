@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,16 +73,11 @@ class PreprocessStats:
 
 
 def category_dir(category: str) -> str:
-    """The folder of one category inside the region table: its percent-encoded name.
-
-    One path segment (``/`` is encoded), never a hive partition (``=`` is encoded, so no
-    reader adds a second ``category`` column) and never hidden (a leading ``.`` or ``_``
-    is encoded too). ``urllib.parse.unquote`` gives the name back.
-    """
+    """The folder of one category inside the region table: ``io.safe_name`` (one path
+    segment, never a hive partition, never hidden or relative)."""
     if not category:
         raise DataError("a manifest row has an empty category")
-    name = urllib.parse.quote(category, safe="")
-    return f"%{ord(name[0]):02X}{name[1:]}" if name[0] in "._" else name
+    return io.safe_name(category)
 
 
 def input_stamps(uris: Sequence[str], s3: S3Config | None = None) -> list[str]:

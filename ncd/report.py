@@ -16,7 +16,7 @@ Prediction tables consumed (extra columns are ignored):
 from __future__ import annotations
 
 import logging
-import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -274,10 +274,6 @@ magenta; a coherent cluster shows one kind of defect.
 # --------------------------------------------------------------------------- the report
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "category"
-
-
 def _ordered_categories(*tables: pa.Table) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
@@ -298,7 +294,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def _image(alt: str, rel: str) -> str:
-    return f"![{_md(alt)}]({rel})"
+    """A Markdown image; the link is URL-quoted, so a percent-encoded folder name
+    (``io.safe_name``) links to the file of that literal name."""
+    return f"![{_md(alt)}]({urllib.parse.quote(rel)})"
 
 
 def _galleries(cat: str, data: LevelData, summary: list[dict[str, Any]], regions: pa.Table,
@@ -397,7 +395,7 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
 
     multi = len(categories) > 1
     for cat, (img, reg) in per_cat.items():
-        plot_dir = f"{PLOTS_DIR}/{_slug(cat)}" if multi else PLOTS_DIR
+        plot_dir = f"{PLOTS_DIR}/{io.safe_name(cat)}" if multi else PLOTS_DIR
         h = "###" if multi else "##"
         if multi:
             md += [f"## {_md(cat)}", ""]

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from ncd import io
@@ -95,11 +96,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
               + (f" ({len(stats.skipped)} categories already complete: {', '.join(stats.skipped)})"
                  if stats.skipped else ""))
         return 0
-    import ray
-
     from ray_jobs.preprocess import run_preprocess
+    from ray_jobs.session import start_ray
 
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+    start_ray(args.address, cfg.s3, args.verbose)
     print(run_preprocess(cfg))
     return 0
 
@@ -133,6 +133,8 @@ def add_discover_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (and inference actors)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's logs and full tracebacks")
     return p
 
 
@@ -285,15 +287,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, rest = build_parser().parse_known_args(argv)
     if args.command == "discover":
-        args.argv = rest
+        args.argv = rest + (["--verbose"] if args.verbose else [])
     elif rest:
         build_parser().parse_args(argv)  # reports the unknown arguments
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ray_jobs.session import setup_logging
+
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except (ConfigError, DataError, StorageError, FileNotFoundError, _training_error()) as err:
-        print(f"ncd {args.command}: error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        cause = getattr(err, "cause", None) or err  # an error raised in a Ray worker: its own message
+        print(f"ncd {args.command}: error: {str(cause).strip().splitlines()[0]}", file=sys.stderr)
         return 2
 
 

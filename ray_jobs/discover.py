@@ -10,7 +10,6 @@ import logging
 import os
 
 import pyarrow as pa
-import ray
 
 from ncd.config import ExperimentConfig
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
@@ -20,6 +19,7 @@ from ncd.region_table import read_regions
 from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
+from ray_jobs.session import setup_logging, start_ray
 from ray_jobs.train import run_train
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_discover_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(getattr(args, "verbose", False))
     cfg = discover_config(args)
     return run(cfg, args)
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     """``discover`` with the stages ``args`` ask for (``--local`` or Ray), printing its summary."""
     if not args.local:
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+        start_ray(args.address, cfg.s3, getattr(args, "verbose", False))
     stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)
     summary = discover(cfg, stages, progress=print)
     print(summary_text(summary))

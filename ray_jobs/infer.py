@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--address", default=None)
     parser.add_argument("--s3-endpoint", default="", help="host:port of an S3-compatible server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    from ray_jobs.session import setup_logging, start_ray
+
+    setup_logging(args.verbose)
     s3 = S3Config(endpoint_override=args.s3_endpoint) if args.s3_endpoint else None
-    ray.init(address=args.address, ignore_reinit_error=True)
+    start_ray(args.address, s3 or S3Config(), args.verbose)
     trained = load_model(args.model, s3)
     regions = region_metadata(args.regions, s3)  # crops stay in storage: the actors stream them
     warn_unseen_categories(trained, regions.column("category").to_pylist())

@@ -27,7 +27,7 @@ import ray
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import ExperimentConfig, absolute_paths, load_config
+from ncd.config import ExperimentConfig, absolute_paths, load_config, redacted
 from ncd.preprocess import CategoryRange, check_categories, image_statistics, reduce_range
 from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)
@@ -111,9 +111,10 @@ def refresh_regions(cfg: ExperimentConfig, manifest: pa.Table | None = None, *,
         ds.context.op_resource_reservation_enabled = False
         ds.context.downstream_capacity_backpressure_ratio = None
         ds = ds.repartition(max(1, todo.num_rows // cfg.preprocess.batch_size))
-        ranges = compute_ranges(ds, cfg, concurrency)
+        worker_cfg = redacted(cfg)  # workers take S3 credentials from their environment
+        ranges = compute_ranges(ds, worker_cfg, concurrency)
         log.info("preprocess: ranges %s", {k: (v.min_th, v.max_th) for k, v in ranges.items()})
-        parts = ds.map_batches(_stage_batch, fn_kwargs={"ranges": ranges, "cfg": cfg, "staging": staging},
+        parts = ds.map_batches(_stage_batch, fn_kwargs={"ranges": ranges, "cfg": worker_cfg, "staging": staging},
                                batch_format="pandas", batch_size=cfg.preprocess.batch_size,
                                compute=ray.data.TaskPoolStrategy(size=concurrency))
         waiting = Counter(todo.column("category").to_pylist())
@@ -145,12 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ray_jobs.cli import config_path
+    from ray_jobs.session import setup_logging, start_ray
+
+    setup_logging(args.verbose)
 
     cfg = validate(load_config(config_path(args.config), args.overrides))
-    ray.init(address=args.address, ignore_reinit_error=True)
+    start_ray(args.address, cfg.s3, args.verbose)
     print(run_preprocess(cfg))
 
 

@@ -26,7 +26,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ncd import io
-from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, to_dict
+from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, public_dict
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
 from ncd.pipeline import choose_k
 from ncd.region_table import read_regions
@@ -100,8 +100,8 @@ def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: i
     cfg = absolute_paths(validate(cfg))
     if not isinstance(cfg.train.num_novel, int):  # auto / gt: resolved once here, so every worker has the same K
         cfg, _ = choose_k(cfg, regions if isinstance(regions, pa.Table) else stored_regions(cfg, io.absolute(regions)))
-    loop_config: dict[str, Any] = {"cfg": to_dict(cfg), "regions": (ray.put(regions) if isinstance(regions, pa.Table)
-                                                                    else io.absolute(regions))}
+    loop_config: dict[str, Any] = {"cfg": public_dict(cfg),  # no secrets: workers read credentials from their env
+                                   "regions": ray.put(regions) if isinstance(regions, pa.Table) else io.absolute(regions)}
     if isinstance(regions, pa.Table):
         loop_config["base"] = None if base is None else ray.put(base)
     storage = io.absolute(storage_path or io.join(cfg.output, "ray_train"))
@@ -135,12 +135,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--storage-path", default=None, help="run storage, local or s3:// (default <output>/ray_train)")
     parser.add_argument("--name", default=None, help="run name; the same name resumes")
     parser.add_argument("--address", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ray_jobs.cli import config_path
+    from ray_jobs.session import setup_logging, start_ray
+
+    setup_logging(args.verbose)
 
     cfg = validate(load_config(config_path(args.config), args.overrides))
-    ray.init(address=args.address, ignore_reinit_error=True)
+    start_ray(args.address, cfg.s3, args.verbose)
     regions = args.regions or io.join(cfg.preprocess.output, "regions")
     result = run_train(cfg, regions, args.num_workers, args.use_gpu, storage_path=args.storage_path, name=args.name)
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")

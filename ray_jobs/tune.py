@@ -34,7 +34,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ncd import io
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
-                        to_dict)
+                        public_dict)
 from ncd.data import base_classes
 from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
 from ncd.metrics import cluster_metrics
@@ -187,7 +187,7 @@ def _search(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None, sto
                                     {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        param_space={"base": to_dict(cfg), "params": params},
+        param_space={"base": public_dict(cfg), "params": params},
         tune_config=tune.TuneConfig(metric=metric, mode=MODES[metric], scheduler=scheduler, num_samples=1),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
                                   storage_filesystem=io.filesystem(storage, cfg.s3)[0] if io.is_s3(storage) else None),
@@ -222,9 +222,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="grid over K (one training per K), selected by k_score, e.g. 2..12")
     parser.add_argument("--storage-path", default=None)
     parser.add_argument("--address", default=None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     from ray_jobs.cli import config_path
+    from ray_jobs.session import setup_logging, start_ray
+
+    setup_logging(args.verbose)
 
     sets = list(args.overrides)
     if args.estimate_k:
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         sets += [f"tune.k_values={','.join(str(k) for k in range(lo, hi + 1))}", "tune.metric=k_score",
                  f"tune.num_samples={hi - lo + 1}"]
     cfg = validate(load_config(config_path(args.config), sets))
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+    start_ray(args.address, cfg.s3, args.verbose)
     summary = run_tune(cfg, args.regions or io.join(cfg.preprocess.output, "regions"), args.storage_path)
     print(summary)
 

@@ -12,8 +12,9 @@ Nothing in boto3 or pyarrow is patched. Any test (``tests/s3``, ``tests/ray``) c
     def test_y(s3_prefix, s3_config):             # a fresh s3:// prefix per test
         ...
 
-``s3_server.config`` is all ``ncd.io`` needs, so Ray worker processes reach the server
-through the experiment config (``cfg.s3``), not the environment.
+``s3_server.config`` is all ``ncd.io`` needs in the test process; Ray workers get the
+endpoint from the experiment config (``cfg.s3``) and the credentials from their
+environment (``ray_local`` puts the test keys in the runtime env), never from a config.
 """
 from __future__ import annotations
 
@@ -50,10 +51,12 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray instance with 2 CPUs for the whole session."""
+    """A local Ray instance with 2 CPUs for the whole session. Its workers hold the test S3
+    credentials in their environment (the job's runtime env), as on a cluster: configs
+    handed to workers never carry keys (``ncd.config.redacted``)."""
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env={"env_vars": AWS_ENV})
     yield ray
     ray.shutdown()
 
@@ -206,3 +209,54 @@ def s3_prefix(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh ``s3://<bucket>/<test name>-<random>`` prefix (nothing under it yet)."""
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in request.node.name)[:60]
     return s3_server.uri(f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+# --------------------------------------------------------------------------- secrets
+
+SENTINEL_SECRET = "sentinel-SECRET-9f27c1"  # an S3 secret key no output may contain
+
+
+def secret_hits(blobs: dict[str, bytes], secret: str = SENTINEL_SECRET) -> list[str]:
+    """The names of the ``blobs`` that hold ``secret``: in their bytes, or, for a torch
+    file (model, checkpoint), anywhere in the loaded object (strings walked recursively)."""
+    import io as _io
+
+    import torch
+
+    def walk(obj: Any) -> bool:
+        if isinstance(obj, str):
+            return secret in obj
+        if isinstance(obj, dict):
+            return any(walk(k) or walk(v) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return any(walk(v) for v in obj)
+        return False
+
+    hits = []
+    for name, data in blobs.items():
+        if secret.encode() in data:
+            hits.append(name)
+        elif data[:2] == b"PK" and name.endswith(".pt"):
+            if walk(torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)):
+                hits.append(name)
+    return hits
+
+
+def files_under(*roots: Path) -> dict[str, bytes]:
+    """Every file under ``roots`` (recursive) as {path: bytes}."""
+    return {str(p): p.read_bytes() for root in roots for p in Path(root).rglob("*") if p.is_file()}
+
+
+@dataclass(frozen=True)
+class SecretScan:
+    """What tests need to check that a secret is never written: the sentinel and scanners."""
+
+    secret: str = SENTINEL_SECRET
+    hits = staticmethod(secret_hits)
+    files = staticmethod(files_under)
+
+
+@pytest.fixture
+def secret_scan() -> SecretScan:
+    """``secret_scan.secret`` to put in a config, ``secret_scan.hits(blobs)`` to find it."""
+    return SecretScan()

@@ -10,13 +10,14 @@ from ncd.region_table import write_regions
 pytestmark = pytest.mark.ray
 
 
-def test_tune_grid_over_k(demo_root, ray_local, tmp_path):
+def test_tune_grid_over_k(demo_root, ray_local, tmp_path, secret_scan):
     from ray_jobs.tune import run_tune
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [
         f"data.root={demo_root}", "data.categories=plate", f"output={tmp_path}", "train.epochs=2",
         "train.checkpoint_every=0", "tune.k_values=3,6", "tune.metric=k_score", "tune.num_samples=4",
-        "tune.cpus_per_trial=1", "train.base_table=synthetic"])
+        "tune.cpus_per_trial=1", "train.base_table=synthetic",
+        "s3.access_key=AKIASENTINEL", f"s3.secret_key={secret_scan.secret}"])  # unused (local data): never written
     regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
                             str(tmp_path / "pp"))
     summary = run_tune(cfg, regions)
@@ -38,6 +39,9 @@ def test_tune_grid_over_k(demo_root, ray_local, tmp_path):
     assert read_table(str(tmp_path / "base" / "regions")).num_rows > 0
     k_best = max(summary["scores_by_k"], key=summary["scores_by_k"].get)
     assert best["train"]["num_novel"] == k_best
+    # no S3 key in Tune's parameter space, trial state, results or the best config
+    assert best["s3"]["secret_key"] == best["s3"]["access_key"] == ""
+    assert secret_scan.hits(secret_scan.files(tmp_path)) == []
 
 
 def test_tune_per_category_searches_each_category_on_its_regions(demo_root, ray_local, tmp_path):

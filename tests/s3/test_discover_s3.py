@@ -43,14 +43,16 @@ def _snapshot(folders: list[Path]) -> set[str]:
 
 
 def _run_in_bucket(demo_root, s3_server, s3_prefix, monkeypatch, cwd: Path, stages: Stages,
-                   *extra: str, watch: tuple[Path, ...] = ()) -> tuple[dict, str]:
+                   *extra: str, watch: tuple[Path, ...] = (), secret: str = "") -> tuple[dict, str]:
     """Upload the demo data and run ``discover`` from the empty folder ``cwd``; returns
-    (summary, output URI). Nothing may appear in ``cwd`` nor in the ``watch`` folders."""
+    (summary, output URI). Nothing may appear in ``cwd`` nor in the ``watch`` folders.
+    ``secret``: the S3 secret key the config gives (the server accepts any)."""
     base = s3_prefix[len(f"s3://{s3_server.bucket}/"):]
     data = s3_server.upload_dir(demo_root, f"{base}/data")
     out = io.join(s3_prefix, "out")
-    cfg = _s3_config(data, out, _server_settings(s3_server), *extra)
-    assert cfg.s3 == s3_server.config
+    settings = _server_settings(s3_server) | ({"access_key": "AKIASENTINEL", "secret_key": secret} if secret else {})
+    cfg = _s3_config(data, out, settings, *extra)
+    assert cfg.s3 == s3_server.config or secret
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     before = _snapshot(list(watch))
@@ -94,7 +96,8 @@ def test_discover_local_stages_all_in_s3(demo_root, s3_server, s3_prefix, tmp_pa
 
 
 @pytest.mark.ray
-def test_discover_ray_stages_all_in_s3(demo_root, s3_server, s3_prefix, ray_local, tmp_path, monkeypatch):
+def test_discover_ray_stages_all_in_s3(demo_root, s3_server, s3_prefix, ray_local, tmp_path, monkeypatch,
+                                      secret_scan):
     """Ray Data preprocessing and inference, Ray Train with its run storage in the bucket; the
     synthetic labelled base set is generated into the bucket, preprocessed by Ray Data from
     there and read by the Ray Train worker from there (the one test of that path: it costs
@@ -105,10 +108,17 @@ def test_discover_ray_stages_all_in_s3(demo_root, s3_server, s3_prefix, ray_loca
     worker_cwd = Path(ray_local.get(ray_local.remote(lambda: os.getcwd()).remote()))
     summary, out = _run_in_bucket(demo_root, s3_server, s3_prefix, monkeypatch, tmp_path / "cwd",
                                   ray_stages(num_workers=1, cpus_per_worker=0.5), "train.base_table=synthetic",
-                                  watch=(worker_cwd,))
+                                  watch=(worker_cwd,), secret=secret_scan.secret)
     keys = _check_bucket(s3_server, out, summary, base=True)
     ckpts = [k for k in keys if k.startswith("ray_train/demo_smoke/") and "/checkpoint_" in k]
     assert any(k.endswith("/checkpoint.pt") for k in ckpts), keys
+    # the S3 keys of the config reached no output (model, Ray Train checkpoints and run state
+    # included) and nothing Ray keeps: workers got credentials from their environment
+    client, prefix = s3_server.client(), s3_prefix[len(f"s3://{s3_server.bucket}/"):]
+    objects = {k: client.get_object(Bucket=s3_server.bucket, Key=f"{prefix}/out/{k}")["Body"].read() for k in keys}
+    assert secret_scan.hits(objects) == []
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    assert secret_scan.hits(secret_scan.files(session)) == []
 
 
 def _closed_port() -> int:

@@ -159,6 +159,57 @@ def test_unreachable_endpoint_is_a_quick_storage_error(op):
     assert time.monotonic() - t0 < 10.0
 
 
+@pytest.fixture
+def silent_endpoint():
+    """host:port of a loopback socket that accepts connections and never answers."""
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("op", ["read_bytes", "write_bytes", "list_files"])
+def test_silent_endpoint_fails_within_the_request_timeout_naming_it(op, silent_endpoint):
+    """Connections succeed but no answer comes: each request gives up after
+    ``s3.request_timeout_s`` (2 attempts), and the error names the endpoint."""
+    cfg = S3Config(endpoint_override=silent_endpoint, scheme="http", region="us-east-1",
+                   access_key="testing", secret_key="testing", request_timeout_s=1.0)
+    uri = f"s3://ncd-test/silent/{op}.bin"
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach S3 endpoint {silent_endpoint} for {uri}") as err:
+        if op == "write_bytes":
+            io.write_bytes(uri, b"x", cfg)
+        else:
+            getattr(io, op)(uri, cfg)
+    assert time.monotonic() - t0 < 8.0  # 2 x 1 s and a back-off, not the 2 x 30 s of before
+    assert "request timeout 1 s" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_bucket_is_named_when_listing(s3_config):
+    with pytest.raises(StorageError, match="S3 bucket 'missing-bucket' does not exist"):
+        io.list_files("s3://missing-bucket/data/images", s3_config)
+
+
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as s:

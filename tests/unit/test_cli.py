@@ -47,3 +47,19 @@ def test_train_refuses_bad_values_before_reading_anything(tmp_path, capsys):
                  "--set", "train.num_novel=-1", "--set", "train.batch_size=0"]) == 2
     err = capsys.readouterr().err
     assert "train.num_novel=-1" in err and "train.batch_size=0" in err and "missing" not in err
+
+
+def test_faults_are_one_line_errors_with_tracebacks_only_under_verbose(demo_root, tmp_path, capsys):
+    bad = tmp_path / "predictions.parquet"
+    bad.write_bytes(b"not parquet at all")
+    assert main(["evaluate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err and "Traceback" not in err
+    assert main(["-v", "evaluate", str(bad)]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"x")  # the output folder cannot be created
+    assert main(["catalog", "--set", f"data.root={demo_root}", "--out", str(blocker / "out" / "m.parquet")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ncd catalog: error:")]
+    assert len(errors) == 1 and str(blocker / "out") in errors[0] and "Traceback" not in err

@@ -66,3 +66,41 @@ def test_unreachable_s3_is_a_clear_error():
                    connect_timeout_s=1.0)
     with pytest.raises((StorageError, OSError), match="s3://bucket/x.parquet"):
         io.read_bytes("s3://bucket/x.parquet", cfg)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "/abs", "x=1", "_hidden", ".dot", "ü ß%", "plate"])
+def test_safe_name_is_one_plain_segment_that_round_trips(name, tmp_path):
+    import urllib.parse
+
+    safe = io.safe_name(name)
+    assert "/" not in safe and "=" not in safe and safe not in (".", "..") and not safe.startswith((".", "_"))
+    assert urllib.parse.unquote(safe) == name
+    target = tmp_path / "out" / f"{safe}.pt"
+    io.write_bytes(str(target), b"x")  # lands inside the folder, under that one name
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{safe}.pt"]
+    assert io.safe_name("plate") == "plate"  # plain names stay readable
+
+
+def test_safe_name_rejects_an_empty_name():
+    with pytest.raises(io.DataError, match="empty"):
+        io.safe_name("")
+
+
+def test_unwritable_output_is_a_storage_error_naming_it_and_leaves_no_temporary_file(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"x")  # a folder that cannot be created (a file is in the way)
+    with pytest.raises(StorageError, match=f"{blocker}/out/summary.json"):
+        io.write_bytes(str(blocker / "out" / "summary.json"), b"{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "t.bin").mkdir()  # the final name is taken by a folder: the rename fails after the write
+    with pytest.raises(StorageError, match="t.bin"):
+        io.write_bytes(str(out / "t.bin"), b"payload")
+    assert sorted(p.name for p in out.iterdir()) == ["t.bin"]  # no t.bin.tmp-* left behind
+
+
+def test_a_table_that_is_not_parquet_is_a_data_error_naming_it(tmp_path):
+    bad = tmp_path / "predictions.parquet"
+    bad.write_text("image_id,cluster\na,1\n")
+    with pytest.raises(DataError, match=f"{bad} is not a readable Parquet table"):
+        io.read_table(str(bad))

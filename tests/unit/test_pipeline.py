@@ -115,3 +115,58 @@ def test_discover_runs_the_detector_when_no_maps_are_given(demo_root, tmp_path):
     maps = sorted((out / "maps" / "plate").rglob("*.png"))
     assert len(maps) == summary["images"] > 0 and (out / "maps" / "image_scores.parquet").is_file()
     assert not (out / "maps" / "fabric").exists()  # only the selected category
+
+
+def test_discover_keeps_hostile_category_names_inside_the_output_and_writes_no_secret(
+        demo_root, tmp_path, capsys, caplog, secret_scan):
+    """Categories named ``../escaped`` and ``a/b`` (from a manifest) get percent-encoded
+    folders and model files inside the output; S3 keys given in the config appear in no
+    output file (summary, model files, checkpoints, report) and in no log line."""
+    import logging
+
+    import pyarrow as pa
+    import urllib.parse
+
+    from ncd.catalog import build_manifest
+
+    out = tmp_path / "out"
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [
+        f"data.root={demo_root}", f"output={out}", f"preprocess.output={out}", "train.epochs=1",
+        "s3.access_key=AKIASENTINEL", f"s3.secret_key={secret_scan.secret}"])
+    manifest = build_manifest(cfg.data)
+    renamed = {"fabric": "../escaped", "plate": "a/b"}
+    manifest = manifest.set_column(manifest.schema.get_field_index("category"), "category",
+                                   pa.array([renamed[c] for c in manifest.column("category").to_pylist()]))
+    caplog.set_level(logging.INFO)
+    summary = discover(cfg, manifest=manifest, progress=print)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing escaped the output folder
+    models = sorted(p.name for p in (out / "models").glob("*.pt"))
+    assert models == ["%2E.%2Fescaped.pt", "a%2Fb.pt"]
+    assert sorted(summary["models"]) == ["../escaped", "a/b"]
+    assert {urllib.parse.unquote(m[:-3]) for m in models} == {"../escaped", "a/b"}
+    assert sorted(p.name for p in (out / "regions").iterdir() if not p.name.startswith("_")) == [
+        "%2E.%2Fescaped", "a%2Fb"]
+    md = (out / "report.md").read_text()
+    assert "plots/%252E.%252Fescaped/" in md  # the link names the literal folder
+    assert (out / "plots" / "%2E.%2Fescaped").is_dir()
+    # no secret anywhere: every file (model files and checkpoints loaded and walked), the logs
+    files = secret_scan.files(tmp_path)
+    assert any(name.endswith(".pt") for name in files)
+    assert secret_scan.hits(files) == []
+    assert json.loads((out / "summary.json").read_text())["config"]["s3"]["secret_key"] == ""
+    captured = capsys.readouterr()
+    assert secret_scan.secret not in captured.out + captured.err + caplog.text
+    assert "AKIASENTINEL" not in captured.out + captured.err + caplog.text
+
+
+def test_closing_line_names_the_model_files_written():
+    from ncd.pipeline import model_path, summary_text
+
+    base = {"images": 4, "regions": 5, "metrics": None, "seconds": {"total": 1.0}, "output": "/o"}
+    one = {**base, "k": {"k": 3, "k_estimated": None}, "models": {"plate": model_path(1, "plate")}}
+    assert summary_text(one).splitlines()[-1] == "  output: /o (report.md, predictions, model.pt)"
+    infos = {"a/b": {"k": 3, "k_estimated": None}, "c": {"k": 2, "k_estimated": None}}
+    many = {**base, "k": {"per_category": infos}, "models": {c: model_path(2, c) for c in infos}}
+    assert model_path(2, "a/b") == "models/a%2Fb.pt"
+    last = summary_text(many).splitlines()[-1]
+    assert "model.pt" not in last and "models/<category>.pt for 2 categories" in last
