@@ -65,6 +65,55 @@ def _normalise(image: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
     return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(spec.mean), list(spec.std))
 
 
+@dataclass(frozen=True)
+class ViewParams:
+    """The random choices of one training view (drawn by :func:`draw_view_params`).
+
+    ``jitter_order`` lists indices into (brightness, contrast, saturation), applied in
+    that order; ``jitter`` holds their factors by that index; ``blur_kernel`` is the
+    kernel size already scaled to the view size.
+    """
+
+    top: int
+    left: int
+    hflip: bool
+    vflip: bool
+    jitter_order: tuple[int, int, int]
+    jitter: tuple[float, float, float]
+    quarter_turns: int
+    sharpness: float
+    blur_kernel: int
+    blur_sigma: float
+    posterize_bits: int
+
+
+JITTER_BOUNDS = (BRIGHTNESS, CONTRAST, SATURATION)
+
+
+def draw_view_params(g: torch.Generator, height: int, width: int, spec: ViewSpec) -> ViewParams:
+    """One view's random choices for an image resized to (``height``, ``width``), drawn from
+    ``g`` in a fixed order (both augmentation paths use it: equal seeds, equal choices)."""
+    top = int(float(torch.rand((), generator=g)) * (height - spec.size + 1)) if height > spec.size else 0
+    left = int(float(torch.rand((), generator=g)) * (width - spec.size + 1)) if width > spec.size else 0
+    hflip = bool(torch.rand((), generator=g) < 0.5)
+    vflip = bool(torch.rand((), generator=g) < 0.5)
+    order = tuple(torch.randperm(len(JITTER_BOUNDS), generator=g).tolist())  # ColorJitter's random order
+    jitter = [1.0] * len(JITTER_BOUNDS)
+    for i in order:
+        jitter[i] = _uniform(g, *JITTER_BOUNDS[i])
+    quarter_turns = int(torch.randint(4, (), generator=g))
+    sharpness = _uniform(g, *SHARPNESS)
+    kernel = _blur_kernel(int(_choice(g, BLUR_KERNELS)), spec.size)
+    sigma = _uniform(g, *BLUR_SIGMA)
+    bits = int(_choice(g, POSTERIZE_BITS))
+    return ViewParams(top, left, hflip, vflip, order, tuple(jitter), quarter_turns, sharpness, kernel, sigma, bits)
+
+
+def resize_for_views(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first, deterministic step of every view: the shorter side resized to ``spec.resize``."""
+    return _resize_shorter(image, mask, spec.resize)
+
+
 def train_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec,
                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One augmented view.
@@ -72,27 +121,22 @@ def train_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec,
     Args: ``image`` (3,H,W) uint8, ``mask`` (1,H,W) float in [0,1].
     Returns: normalised image (3,S,S) float32 and mask (1,S,S) in [0,1].
     """
-    image, mask = _resize_shorter(image, mask, spec.resize)
-    h, w = image.shape[-2:]
-    top = int(float(torch.rand((), generator=g)) * (h - spec.size + 1)) if h > spec.size else 0
-    left = int(float(torch.rand((), generator=g)) * (w - spec.size + 1)) if w > spec.size else 0
-    image = TF.crop(image, top, left, spec.size, spec.size)
-    mask = TF.crop(mask, top, left, spec.size, spec.size)
-    if torch.rand((), generator=g) < 0.5:
+    image, mask = resize_for_views(image, mask, spec)
+    p = draw_view_params(g, *image.shape[-2:], spec)
+    image = TF.crop(image, p.top, p.left, spec.size, spec.size)
+    mask = TF.crop(mask, p.top, p.left, spec.size, spec.size)
+    if p.hflip:
         image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)
-    if torch.rand((), generator=g) < 0.5:
+    if p.vflip:
         image, mask = TF.vertical_flip(image), TF.vertical_flip(mask)
-    jitters = ((TF.adjust_brightness, BRIGHTNESS), (TF.adjust_contrast, CONTRAST), (TF.adjust_saturation, SATURATION))
-    for i in torch.randperm(len(jitters), generator=g).tolist():  # ColorJitter's random order
-        fn, bounds = jitters[i]
-        image = fn(image, _uniform(g, *bounds))
-    quarter_turns = int(torch.randint(4, (), generator=g))
-    if quarter_turns:
-        image, mask = torch.rot90(image, quarter_turns, (-2, -1)), torch.rot90(mask, quarter_turns, (-2, -1))
-    image = TF.adjust_sharpness(image, _uniform(g, *SHARPNESS))
-    kernel = _blur_kernel(int(_choice(g, BLUR_KERNELS)), spec.size)
-    image = TF.gaussian_blur(image, [kernel, kernel], [_uniform(g, *BLUR_SIGMA)] * 2)
-    image = TF.posterize(image, int(_choice(g, POSTERIZE_BITS)))
+    jitters = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in p.jitter_order:
+        image = jitters[i](image, p.jitter[i])
+    if p.quarter_turns:
+        image, mask = torch.rot90(image, p.quarter_turns, (-2, -1)), torch.rot90(mask, p.quarter_turns, (-2, -1))
+    image = TF.adjust_sharpness(image, p.sharpness)
+    image = TF.gaussian_blur(image, [p.blur_kernel, p.blur_kernel], [p.blur_sigma] * 2)
+    image = TF.posterize(image, p.posterize_bits)
     return _normalise(image, spec), mask.clamp(0, 1)
 
 

@@ -128,6 +128,7 @@ class TrainConfig:
     eta_min_ratio: float = 1e-3
     seed: int = 3407
     loader_workers: int = 2
+    augment_on: str = "loader"  # loader: augmented on the loader's CPU cores; device: crops decoded once, augmented on the training device
     num_novel: int | str = "auto"  # K: a number, "auto" (estimated, label-free) or "gt" (oracle: the gt type count)
     per_category: bool = True  # one model per category (the paper); false: one model for all
     base_table: str = ""  # labelled base region table; "" trains without labelled terms

@@ -183,10 +183,24 @@ class HalfHalfSampler(Sampler[tuple[int, int]]):
         yield from zip(self.indices(), self.draw_seeds())
 
 
+AUGMENT_ON = ("loader", "device")  # train.augment_on
+
+
 def training_loader(regions: RegionSet, spec: ViewSpec, *, seed: int, batch_size: int, workers: int,
-                    rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+                    rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                    augment_on: str = "loader") -> DataLoader:
     """Two-view batches of ``batch_size // world_size`` rows; call ``loader.sampler.set_epoch``
-    before each epoch (the sampler lives in this process, so persistent workers follow it)."""
+    before each epoch (the sampler lives in this process, so persistent workers follow it).
+
+    ``augment_on="loader"``: augmented float views (``TwoViewDataset``); ``"device"``: uint8
+    windows of crops decoded once (``ncd.crop_cache``) with their views' parameters, for
+    ``ncd.batch_augment.augment_batch`` on the training device."""
     sampler = HalfHalfSampler(regions.labelled, seed=seed, rank=rank, world_size=world_size)
-    return DataLoader(TwoViewDataset(regions, spec), batch_size=max(1, batch_size // world_size), sampler=sampler,
+    if augment_on == "device":
+        from ncd.crop_cache import CachedTwoViewDataset, CropCache
+
+        dataset: Dataset = CachedTwoViewDataset(regions, CropCache(regions, spec, threads=max(1, workers)), spec)
+    else:
+        dataset = TwoViewDataset(regions, spec)
+    return DataLoader(dataset, batch_size=max(1, batch_size // world_size), sampler=sampler,
                       num_workers=workers, drop_last=False, persistent_workers=workers > 0, pin_memory=pin_memory)

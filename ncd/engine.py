@@ -18,6 +18,7 @@ from torch import nn
 
 from ncd import dist, io
 from ncd.augment import ViewSpec
+from ncd.batch_augment import augment_batch
 from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, public_dict
 from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
@@ -224,7 +225,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     regions = build_training_set(novel, base, guide_columns(cfg))
     loader = training_loader(regions, view_spec(cfg), seed=tc.seed, batch_size=tc.batch_size,
                              workers=tc.loader_workers, rank=ctx.rank, world_size=ctx.world_size,
-                             pin_memory=ctx.device.type == "cuda")
+                             pin_memory=ctx.device.type == "cuda", augment_on=tc.augment_on)
     need_both = base is not None
     head_losses = [math.nan] * cfg.model.n_head
     gather = ctx.world_size > 1
@@ -247,6 +248,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
             if not ok:
                 skipped += 1
                 continue
+            if tc.augment_on == "device":  # uint8 crops and view parameters -> augmented views, on the device
+                batch = augment_batch(batch, loader.dataset.spec, ctx.device)
             parts = train_step(net, batch, optimizer, objective, epoch, device=ctx.device, amp=tc.amp, gather=gather)
             steps += 1
             step_finite.append(torch.isfinite(parts["loss"].detach()))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from ncd.catalog import LAYOUTS
 from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, flat_dict, to_dict
 from ncd.crops import MERGE_MODES
+from ncd.data import AUGMENT_ON
 from ncd.method import METHODS
 from ncd.proto.guidance import GUIDANCE_MODES
 from ncd.proto.object_prior import OBJECT_PRIORS
@@ -88,6 +89,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.weight_decay": _at_least(0),
     "train.eta_min_ratio": _at_least(0),
     "train.loader_workers": _at_least(0),
+    "train.augment_on": _one_of(AUGMENT_ON),
     "train.num_novel": _k,
     "train.kmeans_init": _switch,
     "train.checkpoint_every": _at_least(0),

@@ -156,3 +156,14 @@ def test_train_step_never_synchronises_with_the_device(method):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(parts["loss"]).item()
+
+
+def test_training_with_device_augmentation_matches_the_loader_path(tables):
+    """train.augment_on=device (crops decoded once, views augmented as batched tensor ops on
+    the training device) trains on the loader path's views: the same losses up to float rounding."""
+    novel, base = tables
+    runs = [train(_cfg("train.epochs=2", "train.loader_workers=0", f"train.augment_on={where}"), novel, base,
+                  LocalContext("", device="cpu")) for where in ("loader", "device")]
+    loader, device = ([h["loss"] for h in r.history] for r in runs)
+    assert all(math.isfinite(v) for v in device) and runs[1].history[0]["steps"] == runs[0].history[0]["steps"]
+    assert np.allclose(device, loader, rtol=2e-3, atol=1e-3), (device, loader)
