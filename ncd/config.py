@@ -392,11 +392,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 SECRET_KEYS = ("s3.access_key", "s3.secret_key")  # never written, logged or passed to a worker
 
 
+def redacted_s3(s3: S3Config) -> S3Config:
+    """``s3`` without its keys: what an S3 filesystem handed to Ray (which pickles it) is
+    built from; the AWS SDK then takes the credentials from the environment."""
+    return dataclasses.replace(s3, access_key="", secret_key="")
+
+
 def redacted(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` without its secrets (``SECRET_KEYS`` emptied): the config that may be
     written, printed or handed to a worker. Workers take S3 credentials from their
     environment (the Ray job's runtime env), as the AWS SDK does."""
-    return dataclasses.replace(cfg, s3=dataclasses.replace(cfg.s3, access_key="", secret_key=""))
+    return dataclasses.replace(cfg, s3=redacted_s3(cfg.s3))
 
 
 def public_dict(cfg: ExperimentConfig) -> dict[str, Any]:

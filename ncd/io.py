@@ -361,9 +361,11 @@ def delete_dir(uri: str, s3: S3Config | None = None) -> None:
 def replace_dir(staging: str, dest: str, s3: S3Config | None = None) -> None:
     """Move a fully written ``staging`` directory to ``dest``, replacing what was there.
 
-    Local: two renames, so ``dest`` is never half-written. S3 has no rename: objects are
-    copied then the staging prefix is deleted; readers see the old or the new table
-    per object, never a truncated file.
+    Local: two renames, so ``dest`` is never half-written. S3 has no rename: the old
+    objects are deleted, the new ones copied, then the staging prefix is deleted, so a
+    concurrent reader may see the table missing or partial (never a truncated file):
+    for whole-table writes nobody reads yet (tests, benchmarks). Tables that readers
+    use while they change are published per category by ``region_table.publish_category``.
     """
     fs, src = filesystem(staging, s3)
     _, dst = filesystem(dest, s3)

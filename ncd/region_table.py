@@ -3,12 +3,23 @@
 ``<output>/regions/`` holds one folder per category (``category_dir``) with its Parquet
 parts and a completion record (``_complete.json``: a fingerprint of the category's
 manifest rows, the inputs' sizes and mtimes and the configuration its rows depend
-on). A run recomputes only the categories whose record is missing or differs; each is
-staged under ``regions/_staging-*/`` and moved into place whole, then recorded, so a
-reader sees every category either as a finished run left it or not at all (on S3,
-which has no rename, per object: see ``io.replace_dir``). Names
-that start with ``_`` are skipped by Parquet readers, so staging, records and the
-old folder being swapped out are never part of the table.
+on, and the part files that make up the category). A run recomputes only the
+categories whose record is missing or differs; each is staged under
+``regions/_staging-*/`` and published whole, then recorded:
+
+- local: the staged folder is renamed into place (the old one goes aside under a
+  ``_old-*`` name first), so the category is never half there;
+- S3 (no rename): the parts are copied into a new version folder
+  ``<category>/_v-<id>/`` while the old record still names the old version, then the
+  record, a small pointer object, is written last; readers (``table_files``) read
+  exactly the files a record names, so they see the old version or the new one whole.
+  The version before is kept until the next publish (a reader that read the old record
+  just before the switch can still read its files); older ones are deleted.
+
+Names that start with ``_`` are skipped by Parquet readers, so staging, records and
+versions being swapped out are never part of a plain folder read. A run removes
+other runs' staging and ``_old-*`` folders only when nothing was written in them for
+``STALE_AFTER_S`` (a crashed run), never a running one's.
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ncd import io
@@ -40,6 +53,8 @@ REGIONS_DIR = "regions"
 COMPLETION_FILE = "_complete.json"
 STAGING_PREFIX = "_staging-"
 TRASH_PREFIX = "_old-"
+VERSION_PREFIX = "_v-"  # an S3 category's published version folder
+STALE_AFTER_S = 3600.0  # another run's staging folder idle this long is a crashed run's: removed
 PART_PREFIX = "part-"
 PREPROCESS_VERSION = 1  # bump when process_image's rows change for the same inputs and settings
 DATA_KEYS = ("map_size_policy", "max_aspect_mismatch")  # the DataConfig fields process_image reads
@@ -129,9 +144,11 @@ def category_fingerprint(rows: Sequence[Mapping[str, Any]], stamps: Sequence[str
     return digest.hexdigest()
 
 
-def _table_listing(uri: str, s3: S3Config | None) -> dict[str, set[str]]:
+def _table_listing(uri: str, s3: S3Config | None,
+                   newest: dict[str, float] | None = None) -> dict[str, set[str]]:
     """Top-level entries of the table folder -> the relative paths of the files inside
-    them (a top-level file maps to an empty set); empty when the folder does not exist."""
+    them (a top-level file maps to an empty set); empty when the folder does not exist.
+    ``newest`` (if given) receives each entry's newest file modification time (epoch s)."""
     fs, path = io.filesystem(uri, s3)
     try:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
@@ -144,18 +161,23 @@ def _table_listing(uri: str, s3: S3Config | None) -> dict[str, set[str]]:
         rel = info.path[len(base):] if info.path.startswith(base) else info.path
         top, _, rest = rel.partition("/")
         files = out.setdefault(top, set())
-        if rest and info.type == pafs.FileType.File:
-            files.add(rest)
+        if info.type == pafs.FileType.File:
+            if rest:
+                files.add(rest)
+            if newest is not None and info.mtime_ns is not None:
+                newest[top] = max(newest.get(top, 0.0), info.mtime_ns / 1e9)
     return out
+
+
+def _in_use(name: str, newest: Mapping[str, float], now: float) -> bool:
+    """Whether a top-level entry is another run's staging (or swapped-out) folder that
+    is still being written: such a folder is never removed."""
+    return name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and now - newest.get(name, 0.0) < STALE_AFTER_S
 
 
 def read_completion(uri: str, category: str, s3: S3Config | None = None) -> dict[str, Any] | None:
     """A category's completion record in the region table ``uri``; None if absent or unreadable."""
-    try:
-        record = json.loads(io.read_bytes(io.join(uri, category_dir(category), COMPLETION_FILE), s3))
-    except (FileNotFoundError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return _read_record(io.join(uri, category_dir(category)), s3)
 
 
 def plan_preprocess(manifest: pa.Table, uri: str, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
@@ -170,7 +192,8 @@ def plan_preprocess(manifest: pa.Table, uri: str, mebin: MebinConfig, crop: Crop
         group[0].append(r)
         group[1].append(f"{stamps[2 * i]}|{stamps[2 * i + 1]}")
     settings = preprocess_settings(mebin, crop, data, proto)
-    listing = _table_listing(uri, s3)
+    newest: dict[str, float] = {}
+    listing = _table_listing(uri, s3, newest)
     pending, complete = {}, []
     for category, (cat_rows, cat_stamps) in sorted(by_category.items()):
         fingerprint = category_fingerprint(cat_rows, cat_stamps, settings)
@@ -181,7 +204,9 @@ def plan_preprocess(manifest: pa.Table, uri: str, mebin: MebinConfig, crop: Crop
         else:
             pending[category] = fingerprint
     keep = {category_dir(c) for c in by_category}
-    return PreprocessPlan(uri, pending, tuple(complete), tuple(sorted(set(listing) - keep)))
+    now = time.time()
+    stale = sorted(name for name in set(listing) - keep if not _in_use(name, newest, now))
+    return PreprocessPlan(uri, pending, tuple(complete), tuple(stale))
 
 
 def remove_entries(uri: str, names: Iterable[str], s3: S3Config | None = None) -> None:
@@ -230,28 +255,106 @@ def completion_record(category: str, fingerprint: str, parts: Sequence[Mapping[s
 
 
 def publish_category(staging: str, uri: str, record: Mapping[str, Any], s3: S3Config | None = None) -> None:
-    """Move one category's staged folder into the table, replacing its old folder, then
-    write its completion record.
+    """Publish one category's staged folder in the table, replacing its old version,
+    and write its completion record last (the module docstring says how, per storage).
 
-    Local: two renames (the old folder goes aside under a ``_`` name, which readers skip),
-    so the category is never half there. S3 has no rename: ``io.replace_dir`` copies.
-    A failure before the record is written leaves the category unrecorded: the next run
-    recomputes it.
+    A failure before the record is written leaves the category as it was (S3) or
+    unrecorded (local): the next run recomputes it.
     """
     name = category_dir(record["category"])
     src, dest = io.join(staging, name), io.join(uri, name)
     if io.is_s3(uri):
-        io.replace_dir(src, dest, s3)
-    else:
-        src_path, dest_path = io.filesystem(src)[1], io.filesystem(dest)[1]
-        trash = io.filesystem(io.join(uri, f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"))[1]
-        had_old = os.path.isdir(dest_path)
-        if had_old:
-            os.replace(dest_path, trash)
-        os.replace(src_path, dest_path)
-        if had_old:
-            shutil.rmtree(trash, ignore_errors=True)
+        _publish_version(src, dest, record, s3)
+        return
+    src_path, dest_path = io.filesystem(src)[1], io.filesystem(dest)[1]
+    trash = io.filesystem(io.join(uri, f"{TRASH_PREFIX}{uuid.uuid4().hex[:8]}"))[1]
+    had_old = os.path.isdir(dest_path)
+    if had_old:
+        os.replace(dest_path, trash)
+    os.replace(src_path, dest_path)
+    if had_old:
+        shutil.rmtree(trash, ignore_errors=True)
     io.write_bytes(io.join(dest, COMPLETION_FILE), json.dumps(dict(record), indent=1, sort_keys=True).encode(), s3)
+
+
+def _publish_version(src: str, dest: str, record: Mapping[str, Any], s3: S3Config | None) -> None:
+    """S3: copy the staged parts to a new version folder of the category ``dest``, switch
+    its record (the pointer) to them, then delete versions older than the one replaced."""
+    fs, src_path = io.filesystem(src, s3)
+    dest_path = io.filesystem(dest, s3)[1]
+    version = f"{VERSION_PREFIX}{uuid.uuid4().hex[:12]}"
+    previous = _read_record(dest, s3) or {}
+    try:
+        staged = [i.path for i in fs.get_file_info(pafs.FileSelector(src_path, recursive=True))
+                  if i.type == pafs.FileType.File]
+        for path in staged:
+            fs.copy_file(path, f"{dest_path}/{version}/{path[len(src_path) + 1:]}")
+    except (OSError, pa.ArrowException) as err:
+        raise io.StorageError(f"cannot publish {dest}: {err}") from None
+    files = sorted(f"{version}/{p[len(src_path) + 1:]}" for p in staged)
+    io.write_bytes(io.join(dest, COMPLETION_FILE),
+                   json.dumps({**record, "files": files}, indent=1, sort_keys=True).encode(), s3)
+    keep = {COMPLETION_FILE, version} | {f.split("/", 1)[0] for f in previous.get("files", [])}
+    old = [i for i in fs.get_file_info(pafs.FileSelector(dest_path)) if i.base_name not in keep]
+    for info in old:
+        try:
+            fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
+        except FileNotFoundError:
+            continue
+
+
+def _read_record(category_uri: str, s3: S3Config | None) -> dict[str, Any] | None:
+    """The completion record in a category folder; None if absent or unreadable."""
+    try:
+        record = json.loads(io.read_bytes(io.join(category_uri, COMPLETION_FILE), s3))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def table_files(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the paths of the Parquet files that make up the table ``uri``
+    now: a file itself; else, per category folder, the files its completion record
+    names (or, without a record, its Parquet files), plus top-level Parquet files.
+    ``_``- and ``.``-prefixed names are never read unless a record names them."""
+    fs, path = io.filesystem(uri, s3)
+    try:
+        kind = fs.get_file_info(path).type
+    except (OSError, pa.ArrowException) as err:
+        raise io.StorageError(f"cannot read {uri}: {err}") from None
+    if kind == pafs.FileType.File:
+        return fs, [path]
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"table not found: {uri}")
+    base, out = path.rstrip("/"), []
+    for top, files in sorted(_table_listing(uri, s3).items()):
+        if top.startswith(("_", ".")):
+            continue
+        if not files:
+            out += [f"{base}/{top}"] if top.endswith(".parquet") else []
+            continue
+        record = _read_record(io.join(uri, top), s3) if COMPLETION_FILE in files else None
+        names = record.get("files") if record else None
+        if not isinstance(names, list):
+            names = [f for f in files if f.endswith(".parquet") and not any(
+                part.startswith(("_", ".")) for part in f.split("/"))]
+        out += [f"{base}/{top}/{f}" for f in sorted(names)]
+    return fs, out
+
+
+def read_parts(uri: str, s3: S3Config | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows of ``table_files(uri)`` (only ``columns`` if given), as one table."""
+    fs, paths = table_files(uri, s3)
+    if not paths:
+        return REGION_SCHEMA.empty_table() if columns is None else REGION_SCHEMA.empty_table().select(list(columns))
+    try:
+        return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    except FileNotFoundError:
+        raise io.StorageError(f"{uri} changed while it was read (republished twice meanwhile): read it again") from None
+    except pa.ArrowInvalid as err:
+        raise DataError(f"{uri} holds a file that is not Parquet ({str(err).strip().splitlines()[0]})") from None
+    except (OSError, pa.ArrowException) as err:
+        raise io.StorageError(f"cannot read {uri}: {str(err).strip().splitlines()[0]}") from None
 
 
 def update_regions(manifest: pa.Table, output: str, mebin: MebinConfig, crop: CropConfig, data: DataConfig,
@@ -314,9 +417,8 @@ def canonical_order(table: pa.Table) -> pa.Table:
 
 def read_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
     """A region table in canonical order: a Parquet file, or a folder of parts (one
-    subfolder per category as written here, or flat); ``_``-prefixed entries (staging,
-    completion records) are not part of it."""
-    table = io.read_table(uri, s3)
+    subfolder per category as written here, or flat): the files ``table_files`` names."""
+    table = io.read_table(uri, s3) if uri.endswith(".csv") else read_parts(uri, s3)
     missing = [n for n in REGION_SCHEMA.names if n not in table.column_names]
     if missing:
         raise DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")

@@ -190,11 +190,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.local:
         table = detect_local(cfg, progress=Progress())
     else:
-        import ray
-
         from ray_jobs.detect import run_detect
+        from ray_jobs.session import start_ray
 
-        ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False)
+        start_ray(args.address, cfg.s3, args.verbose)
         table = run_detect(cfg, num_actors=args.num_actors, use_gpu=args.use_gpu, progress=Progress())
     modes = sorted(set(table.column("mode").to_pylist()))
     print(f"{table.num_rows} maps ({', '.join(modes)}) -> {maps_root(cfg)} (image scores: image_scores.parquet)")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from ncd.catalog import catalog_images
-from ncd.config import DetectConfig, ExperimentConfig, S3Config, absolute_paths
+from ncd.config import DetectConfig, ExperimentConfig, S3Config, absolute_paths, redacted_s3
 from ncd.detect.features import PatchFeatureExtractor
 from ncd.detect.maps import write_maps
 from ncd.detect.run import (FEW_SHOT, CategoryResult, Features, Progress, detect_category, feature_batch,
@@ -86,7 +86,8 @@ def run_detect(cfg: ExperimentConfig, rows: Sequence[dict] | None = None, num_ac
     cfg = absolute_paths(cfg)
     rows = list(rows) if rows is not None else catalog_images(cfg.data, cfg.s3)
     jobs = plan_detection(rows, cfg.detect, cfg.s3)
-    features = ray_features(feature_rows(jobs), cfg.detect, cfg.s3, num_actors, use_gpu, progress, model_kwargs)
+    worker_s3 = redacted_s3(cfg.s3)  # workers take S3 credentials from their environment
+    features = ray_features(feature_rows(jobs), cfg.detect, worker_s3, num_actors, use_gpu, progress, model_kwargs)
     root = maps_root(cfg)
     lock, finished = threading.Lock(), [0]
     total = sum(len(stratified_subsets([r["gt_type"] for r in j.images], cfg.detect.subset_size, cfg.detect.seed))
@@ -111,7 +112,7 @@ def run_detect(cfg: ExperimentConfig, rows: Sequence[dict] | None = None, num_ac
         ids = [r["image_id"] for r in job.images]
         blur = cfg.detect.blur_sigma if job.mode == FEW_SHOT else 0.0
         ray.get(_write.remote(ids, res.patch_maps, features.take(ids).shapes, lo, hi, root, blur, cfg.detect,
-                              cfg.s3))
+                              worker_s3))
         log.info("detect: %s (%s, %d images) done", job.category, job.mode, len(job.images))
         return res
 
@@ -124,13 +125,15 @@ def run_detect(cfg: ExperimentConfig, rows: Sequence[dict] | None = None, num_ac
 
 def main(argv: list[str] | None = None) -> int:
     from ray_jobs.cli import Progress as ProgressLine, add_detect_arguments, detect_config
+    from ray_jobs.session import setup_logging, start_ray
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_detect_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.verbose = getattr(args, "verbose", False)
+    setup_logging(args.verbose)
     cfg = detect_config(args)
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    start_ray(args.address, cfg.s3, args.verbose)
     table = run_detect(cfg, num_actors=args.num_actors, use_gpu=args.use_gpu, progress=ProgressLine())
     print(f"{table.num_rows} maps -> {maps_root(cfg)} (image scores: image_scores.parquet)")
     return 0

@@ -28,7 +28,7 @@ from ncd.engine import view_spec
 from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
-from ncd.region_table import ORDER_COLUMNS, canonical_order
+from ncd.region_table import ORDER_COLUMNS, canonical_order, table_files
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,23 @@ def input_columns(trained: TrainedModel) -> list[str]:
     return ["region_id", "crop_png", "mask_png", *guide_columns(trained.cfg)]
 
 
-def _parquet_dataset(uri: str, columns: list[str], s3: S3Config | None) -> tuple[pads.Dataset, Any, str]:
-    """The region table at ``uri`` as a pyarrow dataset, checked to hold ``columns``."""
-    fs, path = io.filesystem(uri, s3)
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"region table not found: {uri}") from None
+def _parquet_dataset(uri: str, columns: list[str], s3: S3Config | None) -> tuple[pads.Dataset, Any, list[str]]:
+    """The region table at ``uri`` (the files ``table_files`` names) as a pyarrow dataset,
+    checked to hold ``columns``."""
+    fs, paths = table_files(uri, s3)
+    if not paths:
+        raise io.DataError(f"{uri} holds no region table parts")
+    dataset = pads.dataset(paths, filesystem=fs, format="parquet")
     missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise io.DataError(f"{uri} is not a region table: missing column(s) {', '.join(missing)}")
-    return dataset, fs, path
+    return dataset, fs, paths
 
 
 def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None) -> "ray.data.Dataset":
     """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory)."""
-    _, fs, path = _parquet_dataset(uri, columns, s3)
-    return ray.data.read_parquet(path, filesystem=fs).select_columns(columns)  # pushed down into the read
+    _, fs, paths = _parquet_dataset(uri, columns, s3)
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)  # pushed down into the read
 
 
 def region_metadata(uri: str, s3: S3Config | None = None) -> pa.Table:

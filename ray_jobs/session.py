@@ -13,8 +13,12 @@ appear with ``--verbose``.
 from __future__ import annotations
 
 import logging
+import os
 
-from ncd.config import S3Config
+import pyarrow.fs as pafs
+
+from ncd import io
+from ncd.config import S3Config, redacted_s3
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 # notices that say nothing to an ncd user (the local instance's token auth, Ray Data's
@@ -57,16 +61,29 @@ def setup_logging(verbose: bool) -> None:
     quiet_ray(verbose)
 
 
+def run_storage(storage: str, s3: S3Config) -> tuple[pafs.FileSystem | None, str]:
+    """Ray Train / Tune run storage: (custom filesystem or None, path inside it).
+
+    For ``s3://`` the filesystem carries the endpoint but no keys: Ray pickles it into
+    its run state (Tune's ``tuner.pkl``, in the bucket), so its credentials come from
+    the environment (``start_ray``)."""
+    if not io.is_s3(storage):
+        return None, storage
+    return io.filesystem(storage, redacted_s3(s3))
+
+
 def start_ray(address: str | None, s3: S3Config, verbose: bool = False) -> None:
     """Join the Ray cluster at ``address`` (or start a local one) for an ncd job.
 
-    The keys in ``s3`` (if any) go to the workers in the job's runtime env; Ray's logs
-    reach the console only with ``verbose``.
+    The keys in ``s3`` (if any) go to the workers in the job's runtime env and to this
+    process's environment (for the keyless filesystems handed to Ray, ``run_storage``);
+    Ray's logs reach the console only with ``verbose``.
     """
     import ray
 
     quiet_ray(verbose)
     env = credential_env(s3)
+    os.environ.update(env)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=verbose, configure_logging=verbose,
              logging_level=logging.INFO if verbose else logging.WARNING,
              runtime_env={"env_vars": env} if env else None)

@@ -31,6 +31,7 @@ from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
 from ncd.pipeline import choose_k
 from ncd.region_table import read_regions
 from ncd.validation import validate
+from ray_jobs.session import run_storage
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: i
     if isinstance(regions, pa.Table):
         loop_config["base"] = None if base is None else ray.put(base)
     storage = io.absolute(storage_path or io.join(cfg.output, "ray_train"))
-    # s3://: ncd's filesystem (endpoint, credentials from cfg.s3) and, as Ray requires with a
-    # custom ``storage_filesystem``, the path inside it ("bucket/prefix", no scheme).
-    filesystem, fs_path = io.filesystem(storage, cfg.s3) if io.is_s3(storage) else (None, storage)
+    # s3://: ncd's filesystem (endpoint; credentials from the environment) and, as Ray requires
+    # with a custom ``storage_filesystem``, the path inside it ("bucket/prefix", no scheme).
+    filesystem, fs_path = run_storage(storage, cfg.s3)
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,

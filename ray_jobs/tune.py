@@ -44,6 +44,7 @@ from ncd.predict import TrainedModel, image_predictions, region_probabilities
 from ncd.region_table import REGIONS_DIR, read_regions
 from ncd.selection import cluster_score, score_sample
 from ncd.validation import validate
+from ray_jobs.session import run_storage
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = {  # TuneConfig field -> experiment key
@@ -190,7 +191,7 @@ def _search(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None, sto
         param_space={"base": public_dict(cfg), "params": params},
         tune_config=tune.TuneConfig(metric=metric, mode=MODES[metric], scheduler=scheduler, num_samples=1),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
-                                  storage_filesystem=io.filesystem(storage, cfg.s3)[0] if io.is_s3(storage) else None),
+                                  storage_filesystem=run_storage(storage, cfg.s3)[0]),
     )
     results = tuner.fit()
     frame = results.get_dataframe()
