@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 
-from mtd_common import bench_parser, prepare, run_arm, work_dir
+from mtd_common import bench_parser, prepare_args, run_arm, work_dir
 
 STUDIES = {
     "ncd": (["method=anomalyncd"], {
@@ -51,7 +51,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = work_dir(args, "bench_ablation_")
     t0 = time.perf_counter()
-    cfg, manifest = prepare(args.dataset, work, [*DEFAULTS, *args.overrides])
+    cfg, manifest = prepare_args(args, work, [*DEFAULTS, *args.overrides])
     seconds: dict[str, float] = {}
     results: dict[str, dict] = {}
     for study, (method, arms) in STUDIES.items():

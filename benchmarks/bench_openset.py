@@ -19,10 +19,11 @@ import logging
 import time
 import warnings
 
-from mtd_common import FREE_TYPE, arm, bench_parser, prepare, work_dir
+from mtd_common import arm, bench_parser, prepare_args, work_dir
 
 from ncd.pipeline import LOCAL_STAGES, base_set
 from ncd.openset_eval import open_set_protocol
+from ncd.splits import is_normal_type
 
 DEFAULTS = ["method=protoanomalyncd", "train.epochs=4", "loss.warmup_teacher_temp_epochs=3", "loss.repeat_times=1"]
 
@@ -36,10 +37,10 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     work = work_dir(args, "bench_openset_")
     t0 = time.perf_counter()
-    cfg, manifest = prepare(args.dataset, work, [*DEFAULTS, *args.overrides])
+    cfg, manifest = prepare_args(args, work, [*DEFAULTS, *args.overrides])
     cfg = arm(cfg, work, "openset", [])
     regions = LOCAL_STAGES.preprocess(cfg, manifest)
-    types = sorted(t for t in set(regions.column("gt_type").to_pylist()) if t != FREE_TYPE)
+    types = sorted(t for t in set(regions.column("gt_type").to_pylist()) if not is_normal_type(t))
     result = open_set_protocol(cfg, regions, LOCAL_STAGES, types, base_set(cfg, LOCAL_STAGES))
     print("\n| held-out type | AUROC (posterior) | AUROC (similarity) | mean posterior seen | mean posterior held out |"
           "\n| --- | --- | --- | --- | --- |")

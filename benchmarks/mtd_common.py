@@ -1,41 +1,50 @@
-"""Shared set-up of the MTD benchmarks: gt-derived maps, the six-class test split, the
-image-level pooling of region features, and the frozen-feature baselines."""
+"""Shared set-up of the discovery benchmarks: the dataset (an MTD-style folder or ncd's
+synthetic demo set), its anomaly maps, the evaluation split, one ``ncd discover`` per arm,
+and the image-level merge of region features."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ncd.catalog import build_manifest, catalog_mtd_images  # noqa: E402
-from ncd.cluster.kmeans import kmeans  # noqa: E402
 from ncd.config import ExperimentConfig, apply_overrides, load_config  # noqa: E402
-from ncd.data import EvalDataset, eval_set  # noqa: E402
-from ncd.engine import view_spec  # noqa: E402
 from ncd.gt_maps import write_gt_maps  # noqa: E402
-from ncd.k_estimation import l2_normalise  # noqa: E402
-from ncd.merge import region_weights  # noqa: E402
-from ncd.metrics import cluster_metrics  # noqa: E402
-from ncd.model.backbone import load_backbone  # noqa: E402
+from ncd.io import DataError  # noqa: E402
+from ncd.merge import merge_regions  # noqa: E402
+from ncd.splits import MTD_NORMAL_IMAGES, evaluation_split  # noqa: E402
 
-FREE_TYPE = "MT_Free"
-FREE_TEST_IMAGES = 191
 SPLIT_SEED = 0
+DEMO = "demo"
+DEMO_PER_FAMILY = 24  # defect images per (product, family) of the demo benchmark: 126 images per product
 BENCH_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ncd", "configs",
                             "mtd_bench.yaml")
 METRICS = ("nmi", "ari", "f1")
+MAPS_GT = "gt"
 
 
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The MTD benchmarks' command line: ``[dataset] [--set KEY=VALUE ...] [--work DIR]``."""
+    """The discovery benchmarks' command line: ``[dataset|demo] [--maps gt|DIR] [--max-per-type N]
+    [--normal-images N] [--set KEY=VALUE ...] [--work DIR]``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd")
+    parser.add_argument("dataset", nargs="?", default="../shared/datasets/mtd",
+                        help="a folder of <Type>/Imgs/<stem>.jpg with <stem>.png masks, or 'demo' "
+                             "(ncd's synthetic set, generated into the work folder)")
+    parser.add_argument("--maps", default=MAPS_GT,
+                        help="'gt': detector-like maps made from the gt masks (ncd.gt_maps); or a folder of a "
+                             "detector's maps as the catalog reads them (MTD-style: <maps>/[MTD/]<Type>/<stem>.<ext>, "
+                             "as `ncd detect` writes them; demo: <maps>/<product>/<type>/<stem>.<ext>)")
+    parser.add_argument("--max-per-type", type=int, default=0,
+                        help="seeded sample of at most N images per defect type (0: all)")
+    parser.add_argument("--normal-images", type=int, default=MTD_NORMAL_IMAGES,
+                        help="seeded sample of the normal class, if the dataset has one (MTD protocol: 191)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     return parser
@@ -46,23 +55,74 @@ def work_dir(args: argparse.Namespace, prefix: str) -> str:
     return os.path.abspath(args.work or tempfile.mkdtemp(prefix=prefix))
 
 
-def test_split(manifest: pa.Table) -> pa.Table:
-    """Every defective image and a seeded 191 of the normal ones (the usual test-split size)."""
-    types = manifest.column("gt_type").to_pylist()
-    free = [i for i, t in enumerate(types) if t == FREE_TYPE]
-    rng = np.random.default_rng(SPLIT_SEED)
-    keep = sorted([i for i, t in enumerate(types) if t != FREE_TYPE]
-                  + rng.choice(free, min(FREE_TEST_IMAGES, len(free)), replace=False).tolist())
-    return manifest.take(keep)
+@dataclass(frozen=True)
+class Dataset:
+    """Where a benchmark's images and maps are: ``name``, ``layout`` and ``root`` of the images
+    (``data.layout`` / ``data.root``), and the ``maps`` root."""
+
+    name: str
+    layout: str
+    root: str
+    maps: str
 
 
-def prepare(dataset: str, work: str, overrides: list[str]) -> tuple[ExperimentConfig, pa.Table]:
-    """Config and six-class manifest, with anomaly maps made from the gt masks under ``work``."""
-    cfg = load_config(BENCH_CONFIG, [f"data.root={os.path.abspath(dataset)}", f"data.maps={work}/maps",
-                                     f"output={work}/ncd", f"preprocess.output={work}/ncd", *overrides])
-    if not os.path.isdir(f"{work}/maps"):
-        write_gt_maps(catalog_mtd_images(cfg.data.root), f"{work}/maps", seed=SPLIT_SEED)
-    return cfg, test_split(build_manifest(cfg.data))
+def _demo(work: str) -> tuple[str, list[dict]]:
+    """ncd's synthetic demo set (generic layout, its own maps in ``maps/``) under ``work/demo_data``:
+    root and catalog rows."""
+    from ncd.catalog import catalog_generic
+    from ncd.synthetic import SyntheticSpec, write_dataset
+
+    root = f"{work}/demo_data"
+    if not os.path.isdir(f"{root}/images"):
+        write_dataset(root, SyntheticSpec(images_per_family=DEMO_PER_FAMILY))
+    return root, catalog_generic(root)
+
+
+def locate(dataset: str, work: str, maps: str) -> Dataset:
+    """The benchmark's dataset; ``maps='gt'`` writes gt-derived maps under ``work/maps`` once."""
+    if dataset == DEMO:
+        layout, name = "generic", DEMO
+        root, rows = _demo(work)
+    else:
+        layout, root = "mtd", os.path.abspath(dataset)
+        if not os.path.isdir(root):
+            raise SystemExit(f"dataset {dataset}: no such folder (give a <Type>/Imgs/<stem>.jpg folder or 'demo')")
+        name = os.path.basename(root.rstrip("/"))
+        rows = catalog_mtd_images(root)
+    if maps != MAPS_GT:
+        if not os.path.isdir(maps):
+            raise SystemExit(f"--maps {maps}: not supported (no such folder); use 'gt' (maps from the gt masks) or "
+                             "the folder of a detector's maps (e.g. `ncd detect`'s output), laid out as "
+                             "<maps>/[MTD/]<Type>/<stem>.<png|npy|tiff>")
+        return Dataset(name, layout, root, os.path.abspath(maps))
+    out = f"{work}/maps"
+    if not os.path.isdir(out):
+        if not any(r["gt_mask_uri"] for r in rows):
+            raise DataError(f"{root}: no gt masks (<stem>.png beside each image), so --maps gt cannot make maps")
+        if layout == "generic":  # maps/<category>/<type>/<stem>
+            for category in sorted({r["category"] for r in rows}):
+                write_gt_maps([r for r in rows if r["category"] == category], f"{out}/{category}", seed=SPLIT_SEED)
+        else:
+            write_gt_maps(rows, out, seed=SPLIT_SEED)
+    return Dataset(name, layout, root, out)
+
+
+def prepare(dataset: str, work: str, overrides: list[str], *, maps: str = MAPS_GT, max_per_type: int = 0,
+            normal_images: int = MTD_NORMAL_IMAGES) -> tuple[ExperimentConfig, pa.Table]:
+    """Config (``mtd_bench`` + ``overrides``) and the evaluation split's manifest."""
+    data = locate(dataset, work, maps)
+    cfg = load_config(BENCH_CONFIG, [f"name={data.name}", f"data.layout={data.layout}", f"data.root={data.root}",
+                                     f"data.maps={data.maps}", f"output={work}/ncd", f"preprocess.output={work}/ncd",
+                                     *overrides])
+    split = evaluation_split(build_manifest(cfg.data), normal_images=normal_images, max_per_type=max_per_type,
+                             seed=SPLIT_SEED)
+    return cfg, split
+
+
+def prepare_args(args: argparse.Namespace, work: str, overrides: list[str]) -> tuple[ExperimentConfig, pa.Table]:
+    """:func:`prepare` with the dataset options of :func:`bench_parser`."""
+    return prepare(args.dataset, work, overrides, maps=args.maps, max_per_type=args.max_per_type,
+                   normal_images=args.normal_images)
 
 
 def arm(cfg: ExperimentConfig, work: str, name: str, extra: list[str]) -> ExperimentConfig:
@@ -82,44 +142,13 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, name: str, ext
 
 
 def image_level(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list[str], np.ndarray]:
-    """Area-softmax weighted mean of each image's region features (as the region merge)."""
+    """Area-softmax weighted mean of each image's region features (as the region merge);
+    returns each image's gt type and the pooled features, images in first-appearance order."""
     ids = regions.column("image_id").to_pylist()
     types = regions.column("gt_type").to_pylist()
     areas = np.asarray(regions.column("area").to_pylist(), np.float64)
-    order: dict[str, list[int]] = {}
+    order, pooled = merge_regions(ids, feats, areas, temperature)
+    first = {}
     for i, image_id in enumerate(ids):
-        order.setdefault(image_id, []).append(i)
-    pooled = np.stack([(region_weights(areas[r], temperature)[:, None] * feats[r]).sum(0) for r in order.values()])
-    return [types[r[0]] for r in order.values()], pooled
-
-
-@torch.no_grad()
-def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> dict[str, np.ndarray]:
-    """CLS, mean patch token and both, of the frozen backbone on the crops' test views."""
-    from torch.utils.data import DataLoader
-
-    backbone = load_backbone(cfg.model, cfg.s3).eval()
-    prefix = getattr(backbone, "num_prefix_tokens", 1)
-    out: dict[str, list] = {"cls": [], "mean_patch": []}
-    for batch in DataLoader(EvalDataset(eval_set(regions), view_spec(cfg)), batch_size=64):
-        tokens = backbone.forward_features(batch["images"])
-        out["cls"].append(tokens[:, 0])
-        out["mean_patch"].append(tokens[:, prefix:].mean(1))
-    feats = {k: torch.cat(v).numpy() for k, v in out.items()}
-    feats["cls+mean_patch"] = np.concatenate([l2_normalise(feats["cls"]), l2_normalise(feats["mean_patch"])], 1)
-    return feats
-
-
-def strongest_baseline(cfg: ExperimentConfig, regions: pa.Table, sizes: tuple[int, ...]) -> tuple[dict, dict]:
-    """Spherical k-means (10 restarts, true K) on frozen features for every input size and
-    pooling; returns the best variant's metrics (by NMI) and every variant's."""
-    variants = {}
-    for size in sizes:
-        feats = frozen_features(apply_overrides(cfg, [f"model.image_size={size}"]), regions)
-        for pooling, f in feats.items():
-            truth, pooled = image_level(regions, f, cfg.infer.area_temperature)
-            labels = kmeans(l2_normalise(pooled), len(set(truth)), seed=0, spherical=True, nredo=10).labels
-            m = cluster_metrics(truth, labels)
-            variants[f"{size}px/{pooling}"] = {k: round(m[k], 4) for k in METRICS}
-    best = max(variants, key=lambda v: variants[v]["nmi"])
-    return {**variants[best], "variant": best}, variants
+        first.setdefault(image_id, i)
+    return [types[first[i]] for i in order], pooled

@@ -1,0 +1,133 @@
+"""The frozen-feature baseline of the discovery benchmarks: spherical k-means (true K,
+10 restarts, one seed per benchmark seed) on frozen features of the same crops, merged to
+image level with the same area weights, per category as ncd's evaluation.
+
+Variants: DINOv2-S/14 (the benchmark's backbone, blocks 4..8, CLS / mean patch /
+region-mask-weighted mean patch) and EfficientNet-Lite0 (mean / mask-weighted pool of the
+last feature map), each at 112 / 160 / 224 px, on the whole crop resized and on ncd's
+test view. Features are computed once per (backbone, size, view), all blocks in one
+pass, and cached under the work folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from mtd_common import METRICS, image_level
+
+from ncd.cluster.kmeans import kmeans
+from ncd.config import ExperimentConfig, apply_overrides
+from ncd.features import VIEWS, frozen_region_features
+from ncd.k_estimation import estimate_k, l2_normalise
+from ncd.metrics import per_category_metrics
+from ncd.model.backbone import load_backbone
+from ncd.model.weights import efficientnet
+
+SIZES = (112, 160, 224)
+BLOCKS = tuple(range(4, 9))
+KMEANS_RESTARTS = 10
+DINO = "dinov2-s"
+EFFNET = "effnet-lite0"
+
+
+def _cache_key(regions: pa.Table) -> str:
+    """Fingerprint of the crops (ids, crop and mask bytes): a cached feature file is reused only
+    for the very same crops."""
+    h = hashlib.sha1()
+    for column in ("region_id", "crop_png", "mask_png"):
+        for value in regions.column(column).to_pylist():
+            h.update(value if isinstance(value, bytes) else value.encode())
+    return h.hexdigest()[:12]
+
+
+def _vit(cfg: ExperimentConfig, size: int):
+    backbone = load_backbone(apply_overrides(cfg, [f"model.image_size={size}"]).model, cfg.s3)
+    if len(backbone.blocks) <= max(BLOCKS):
+        raise SystemExit(f"the baseline reads blocks {BLOCKS[0]}..{BLOCKS[-1]}; {cfg.model.backbone} with "
+                         f"model.keep_blocks={cfg.model.keep_blocks} has {len(backbone.blocks)}")
+    return backbone
+
+
+def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
+                 progress: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """{variant: (R, D) region features} for every backbone, size, view and pooling, and the
+    seconds spent per (backbone, size, view); cached as ``cache/<backbone>_<size>_<view>_<key>.npz``."""
+    os.makedirs(cache, exist_ok=True)
+    key = _cache_key(regions)
+    backbones: list[tuple[str, Callable[[int], object], tuple[int, ...]]] = [(DINO, lambda s: _vit(cfg, s), BLOCKS)]
+    if efficientnet.available():
+        backbones.append((EFFNET, lambda s: efficientnet.load_efficientnet_lite0(0), ()))
+    else:
+        progress(f"baseline: {efficientnet.missing_message()}; its variants are skipped")
+    feats: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for name, build, blocks in backbones:
+        for size in SIZES:
+            model = None
+            for view in VIEWS:
+                path = f"{cache}/{name}_{size}_{view}_{key}.npz"
+                t0 = time.perf_counter()
+                if os.path.exists(path):
+                    part = dict(np.load(path))
+                else:
+                    model = model or build(size)
+                    part = frozen_region_features(regions, model, blocks, size, view, crop_pct=cfg.model.crop_pct)
+                    np.savez(path, **part)
+                seconds[f"{name}/{size}/{view}"] = round(time.perf_counter() - t0, 1)
+                progress(f"baseline features {name} {size} px {view}: {seconds[f'{name}/{size}/{view}']:.1f}s")
+                feats.update({f"{name}/{size}px/{view}/{k}": v for k, v in part.items()})
+    return feats, seconds
+
+
+def _image_features(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list, list, np.ndarray]:
+    """Image categories, gt types and unit features (region features normalised, merged, normalised)."""
+    truth, pooled = image_level(regions, l2_normalise(feats), temperature)
+    return _image_categories(regions), truth, l2_normalise(pooled)
+
+
+def _image_categories(regions: pa.Table) -> list[str]:
+    seen: dict[str, str] = {}
+    for image_id, category in zip(regions.column("image_id").to_pylist(), regions.column("category").to_pylist()):
+        seen.setdefault(image_id, category)
+    return list(seen.values())
+
+
+def cluster_images(categories: list, truth: list, x: np.ndarray, seed: int) -> dict[str, float]:
+    """Spherical k-means per category with that category's true K; metrics averaged over categories."""
+    cats = np.asarray(categories)
+    labels = np.zeros(len(x), np.int64)
+    for c in dict.fromkeys(categories):
+        idx = np.flatnonzero(cats == c)
+        k = len({truth[i] for i in idx})
+        labels[idx] = kmeans(x[idx], k, seed=seed, spherical=True, nredo=KMEANS_RESTARTS).labels
+    return per_category_metrics(categories, truth, labels)["mean"]
+
+
+def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over seeds of each metric, and the spread (population std) of each."""
+    out = {k: round(float(np.mean([r[k] for r in runs])), 4) for k in METRICS}
+    out.update({f"{k}_std": round(float(np.std([r[k] for r in runs])), 4) for k in METRICS})
+    return out
+
+
+def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: int,
+                      temperature: float) -> dict[str, dict[str, float]]:
+    """{variant: mean and spread over ``seeds`` k-means seeds of NMI, ARI, F1}."""
+    out = {}
+    for variant, f in feats.items():
+        categories, truth, x = _image_features(regions, f, temperature)
+        out[variant] = summarise([cluster_images(categories, truth, x, seed) for seed in range(seeds)])
+    return out
+
+
+def k_estimate(regions: pa.Table, feats: np.ndarray, cfg: ExperimentConfig) -> dict[str, int]:
+    """Label-free K per category: the silhouette criterion (``ncd.k_estimation``) on the
+    variant's image features, K in ``infer.k_min..k_max``."""
+    categories, _, x = _image_features(regions, feats, cfg.infer.area_temperature)
+    cats = np.asarray(categories)
+    return {c: estimate_k(x[cats == c], cfg.infer.k_min, cfg.infer.k_max, seed=0).k for c in dict.fromkeys(categories)}
