@@ -144,8 +144,9 @@ class InferConfig:
     area_temperature: float = 50.0  # 100 for MVTec AD
     unknown_threshold: float = 0.0  # 0 disables the "unknown" label
     batch_size: int = 64
-    k_min: int = 2  # K estimation range of the silhouette (train.num_novel=auto, AnomalyNCD mode)
+    k_min: int = 2  # K estimation range (train.num_novel=auto, AnomalyNCD mode)
     k_max: int = 12
+    k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.k_criteria.CRITERIA
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class ProtoConfig:
     entropy_weight: float = 4.0
     hard_ratio_start: float = 0.0  # share of confident samples given hard pseudo labels, ramped
     hard_ratio_end: float = 1.0
-    k_min: int = 2  # K range of the prototype score (train.num_novel=auto in this mode)
+    k_min: int = 2  # K range of train.num_novel=auto in this mode (criterion: infer.k_criterion)
     k_max: int = 12
 
 

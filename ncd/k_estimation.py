@@ -1,54 +1,52 @@
-"""Label-free estimation of the number of novel classes K.
+"""Label-free estimation of the number of novel classes K (``train.num_novel=auto``).
 
-For each candidate K, spherical FAISS k-means partitions the L2-normalised region
-embeddings; the partition is scored with the mean cosine silhouette. The K with the
-highest score wins (ties: the smaller K). This is ncd's criterion for the AnomalyNCD
-mode; the ProtoAnomalyNCD mode scores prototypes instead (``ncd.proto``).
-:func:`trained_k_score` scores a trained model's K the same way (Tune's ``k_score``).
+The criterion is ``infer.k_criterion``, one of ``ncd.k_criteria.CRITERIA``; the default,
+``eigengap``, reads the spectrum of the normalised Laplacian of a self-tuning cosine
+affinity of the frozen region features: K is where the gap after the K-th smallest
+eigenvalue is largest. It was the only criterion within 2 of the truth on MTD, DeepPCB and
+the demo data (``benchmarks/bench_k.py``); silhouette, prototype score, Calinski-Harabasz,
+Davies-Bouldin and stability chose 2 or 3 on MTD and DeepPCB, the gap statistic 7 to 12.
+:func:`trained_k_score` scores a trained model's K (Tune's ``k_score``): the silhouette
+of its partition, or in ProtoAnomalyNCD mode ProtoGCD's prototype score.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ncd.cluster.kmeans import kmeans
+from ncd.k_criteria import CRITERIA, MAX_SAMPLE, Partitions, cosine_silhouette, l2_normalise
 
-MAX_SILHOUETTE_POINTS = 4000
+log = logging.getLogger(__name__)
+DEFAULT_CRITERION = "eigengap"
+MAX_SILHOUETTE_POINTS = MAX_SAMPLE
+CRITERION_NAMES = {
+    "eigengap": "eigengap (normalised Laplacian of a self-tuning cosine affinity)",
+    "silhouette": "silhouette (cosine, spherical k-means)",
+    "prototype": "prototype score (centroid score of spherical k-means prototypes; no labelled rows)",
+    "calinski_harabasz": "Calinski-Harabasz (spherical k-means)",
+    "davies_bouldin": "Davies-Bouldin (cosine, spherical k-means)",
+    "gap": "gap statistic (spherical k-means)",
+    "stability": "stability (ARI of k-means on subsample pairs)",
+}
+
+__all__ = ["KEstimate", "estimate_k", "trained_k_score", "cosine_silhouette", "l2_normalise"]
 
 
 @dataclass(frozen=True)
 class KEstimate:
     k: int
     scores: dict[int, float] = field(default_factory=dict)
-    criterion: str = "silhouette"
+    criterion: str = CRITERION_NAMES[DEFAULT_CRITERION]
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def cosine_silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean silhouette with cosine distance of unit rows ``x`` (N,D) under ``labels`` (N,)."""
-    ids = np.unique(labels)
-    if len(ids) < 2:
-        return -1.0
-    dist = 1.0 - x @ x.T
-    onehot = (labels[:, None] == ids[None, :]).astype(np.float64)
-    sizes = onehot.sum(0)
-    mean_to = dist @ onehot  # (N, C) summed distance to each cluster
-    own = np.searchsorted(ids, labels)
-    own_size = sizes[own]
-    a = mean_to[np.arange(len(x)), own] / np.maximum(own_size - 1, 1)
-    mean_to = mean_to / sizes[None, :]
-    mean_to[np.arange(len(x)), own] = np.inf
-    b = mean_to.min(1)
-    s = np.where(own_size > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
-    return float(s.mean())
-
-
-def estimate_k(features: np.ndarray, k_min: int, k_max: int, seed: int = 0) -> KEstimate:
-    """The K in [k_min, k_max] whose spherical k-means partition has the best silhouette."""
+def estimate_k(features: np.ndarray, k_min: int, k_max: int, seed: int = 0,
+               criterion: str = DEFAULT_CRITERION) -> KEstimate:
+    """The K in [k_min, k_max] that ``criterion`` (a ``CRITERIA`` name) picks for ``features``
+    (N, D; L2-normalised here); k_max is capped at N - 1. Ties go to the smaller K."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown K criterion {criterion!r}: use one of {', '.join(CRITERIA)}")
     x = l2_normalise(np.asarray(features, np.float32))
     n = len(x)
     if n < 3:
@@ -56,14 +54,10 @@ def estimate_k(features: np.ndarray, k_min: int, k_max: int, seed: int = 0) -> K
     k_max = min(k_max, n - 1)
     if k_min < 2 or k_max < k_min:
         raise ValueError(f"invalid K range [{k_min}, {k_max}] for {n} regions (k_min must be >= 2)")
-    rng = np.random.default_rng(seed)
-    sample = rng.choice(n, MAX_SILHOUETTE_POINTS, replace=False) if n > MAX_SILHOUETTE_POINTS else np.arange(n)
-    scores = {}
-    for k in range(k_min, k_max + 1):
-        labels = kmeans(x, k, seed=seed, spherical=True, nredo=3).labels
-        scores[k] = cosine_silhouette(x[sample], labels[sample])
-    best = max(scores, key=lambda k: (scores[k], -k))
-    return KEstimate(best, scores)
+    if float(np.ptp(x, axis=0).max()) == 0.0:
+        log.warning("K estimation: all %d feature rows are identical, nothing to separate: K = k_min = %d", n, k_min)
+    k, scores = CRITERIA[criterion](x, Partitions(x, range(k_min, k_max + 1), seed), seed)
+    return KEstimate(k, scores, CRITERION_NAMES[criterion])
 
 
 def trained_k_score(method: str, feat: np.ndarray, probs: np.ndarray, novel_prototypes: np.ndarray) -> float:

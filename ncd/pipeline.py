@@ -27,7 +27,6 @@ from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
-from ncd.proto.k_estimation import estimate_k as proto_estimate_k
 from ncd.method import build_model, guide_columns
 from ncd.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
@@ -36,7 +35,6 @@ from ncd.validation import validate
 
 log = logging.getLogger(__name__)
 SYNTHETIC_BASE = "synthetic"
-PROTOTYPE_SCORE = "prototype score (centroid score; no labelled rows)"
 
 
 @dataclass
@@ -128,18 +126,13 @@ def true_k(regions: pa.Table) -> int:
 
 
 def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table) -> KEstimate:
-    """K without labels from the frozen features of ``regions``, by the method's criterion:
-    the cosine silhouette of spherical k-means over ``infer.k_min..k_max`` (AnomalyNCD mode)
-    or ProtoGCD's prototype score of k-means prototypes over ``proto.k_min..k_max``
-    (ProtoAnomalyNCD mode; centroid score alone, as no labelled rows are used)."""
+    """K without labels from the frozen features of ``regions`` (the model before training),
+    by ``infer.k_criterion`` (``ncd.k_estimation``) over the mode's range: ``infer.k_min..k_max``
+    (AnomalyNCD mode) or ``proto.k_min..k_max`` (ProtoAnomalyNCD mode)."""
     feats = frozen_features(cfg, regions)
-    if cfg.method != "protoanomalyncd":
-        return estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed)
-    k_max = min(cfg.proto.k_max, len(feats) - 1)
-    if k_max < cfg.proto.k_min:
-        raise ValueError(f"K estimation needs more than proto.k_min={cfg.proto.k_min} regions, got {len(feats)}")
-    k, scores = proto_estimate_k(feats, range(cfg.proto.k_min, k_max + 1), cfg.train.seed)
-    return KEstimate(k, scores, PROTOTYPE_SCORE)
+    k_range = (cfg.proto.k_min, cfg.proto.k_max) if cfg.method == "protoanomalyncd" else (cfg.infer.k_min,
+                                                                                          cfg.infer.k_max)
+    return estimate_k(feats, *k_range, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
 
 def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig, dict[str, Any]]:

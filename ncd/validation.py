@@ -13,6 +13,7 @@ from ncd.catalog import LAYOUTS
 from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, flat_dict, to_dict
 from ncd.crops import MERGE_MODES
 from ncd.data import AUGMENT_ON
+from ncd.k_criteria import CRITERIA
 from ncd.method import METHODS
 from ncd.proto.guidance import GUIDANCE_MODES
 from ncd.proto.object_prior import OBJECT_PRIORS
@@ -97,6 +98,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "infer.unknown_threshold": _unit,
     "infer.batch_size": _at_least(1),
     "infer.k_min": _at_least(2),
+    "infer.k_criterion": _one_of(tuple(CRITERIA)),
     "proto.object_prior": _one_of(OBJECT_PRIORS),
     "proto.guidance": _one_of(GUIDANCE_MODES),
     "proto.kappa": _positive,

@@ -53,8 +53,8 @@ def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_r
 
 
 def test_k_is_never_taken_from_labels_unless_asked(demo_root):
-    """gt is the oracle and says so; auto estimates with the mode's criterion (silhouette for
-    AnomalyNCD, ProtoGCD's prototype score for ProtoAnomalyNCD); bad values are errors."""
+    """gt is the oracle and says so; auto estimates with infer.k_criterion (the eigengap by
+    default) in both modes and names it; bad values are errors."""
     import pyarrow as pa
     import pytest
 
@@ -62,7 +62,8 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
     from ncd.config import ConfigError, apply_overrides
     from ncd.pipeline import choose_k, frozen_features, k_label, summary_text
     from ncd.preprocess import preprocess_manifest
-    from ncd.proto.k_estimation import estimate_k as proto_estimate_k
+    from ncd.k_estimation import estimate_k
+    from ncd.validation import validate
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
                                                       "infer.k_max=5", "proto.k_max=5"])
@@ -77,13 +78,17 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
                                     pa.array([""] * regions.num_rows))
     with pytest.raises(ConfigError, match="no gt types"):
         choose_k(apply_overrides(cfg, ["train.num_novel=gt"]), unlabelled)
-    for method, criterion in (("anomalyncd", "silhouette"), ("protoanomalyncd", "prototype score")):
+    for method in ("anomalyncd", "protoanomalyncd"):  # one criterion, infer.k_criterion, in both modes
         auto = apply_overrides(cfg, ["train.num_novel=auto", f"method={method}"])
         resolved, info = choose_k(auto, unlabelled)  # no labels needed
-        assert info["source"] == "estimated" and info["criterion"].startswith(criterion), info
+        assert info["source"] == "estimated" and info["criterion"].startswith("eigengap"), info
         assert resolved.train.num_novel == info["k"] == info["k_estimated"] and set(info["scores"]) == {2, 3, 4, 5}
-    k, scores = proto_estimate_k(frozen_features(auto, regions), range(2, 6), auto.train.seed)
-    assert info["k"] == k and info["scores"] == scores
+    est = estimate_k(frozen_features(auto, regions), 2, 5, auto.train.seed, criterion="eigengap")
+    assert info["k"] == est.k and info["scores"] == est.scores
+    chosen = choose_k(apply_overrides(auto, ["infer.k_criterion=silhouette"]), unlabelled)[1]
+    assert chosen["criterion"].startswith("silhouette")
+    with pytest.raises(ConfigError, match="infer.k_criterion"):
+        validate(apply_overrides(auto, ["infer.k_criterion=elbow"]))  # every entry point, before any stage
 
 
 def test_invalid_config_fails_before_any_stage(demo_root, tmp_path):
