@@ -62,6 +62,7 @@ class MebinConfig:
     erode: bool = True
     erode_kernel: int = 6
     lower_bound: int | None = None  # fixed search floor instead of the lowest per-image peak
+    exclude_outliers: bool = False  # outlier peaks (mebin.peak_outliers, always flagged) do not set the range
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,33 @@ def search_range(peaks: Sequence[int], cfg: MebinConfig) -> tuple[int, int]:
     return min_th, max_th
 
 
+OUTLIER_Z = 3.5  # modified z-score beyond which a peak is an outlier (Iglewicz and Hoaglin)
+
+
+def peak_outliers(peaks: Sequence[float], z: float = OUTLIER_Z) -> list[int]:
+    """Indices of the peaks that are outliers among a category's peaks.
+
+    The statistic is the modified z-score ``0.6745 (p - median) / MAD`` (median absolute
+    deviation); when more than half the peaks are equal (MAD 0) the mean absolute
+    deviation stands in (``(p - median) / (1.2533 * meanAD)``). Equal peaks have no
+    outlier. A saturated map (peak far above the others) or an all-zero one (far below)
+    is one: its peak alone would set the category's search range.
+    """
+    values = np.asarray(peaks, np.float64)
+    if values.size < 3:
+        return []
+    deviation = np.abs(values - np.median(values))
+    mad = float(np.median(deviation))
+    if mad > 0:
+        score = 0.6745 * deviation / mad
+    else:
+        mean_ad = float(deviation.mean())
+        if mean_ad == 0:
+            return []
+        score = deviation / (1.2533 * mean_ad)
+    return np.flatnonzero(score > z).tolist()
+
+
 def _norm_table(min_th: int, max_th: int) -> np.ndarray:
     """Normalised value of every uint8 level, float64 (256,); upstream's expression."""
     scaled = (_LEVELS - min_th) / (max_th - min_th) * NORM_MAX

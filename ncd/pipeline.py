@@ -30,7 +30,9 @@ from ncd.k_estimation import KEstimate, estimate_k
 from ncd.method import build_model, guide_columns
 from ncd.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
-from ncd.region_table import read_regions, update_regions
+from ncd.input_checks import input_checks, input_notes
+from ncd.io import DataError
+from ncd.region_table import REGIONS_DIR, read_regions, update_regions
 from ncd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -246,6 +248,13 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     regions = stages.preprocess(cfg, manifest)
     done()
     progress(f"      {manifest.num_rows} images -> {regions.num_rows} regions")
+    checks = input_checks(manifest, regions, io.join(cfg.preprocess.output, REGIONS_DIR), s3)
+    notes = input_notes(checks, manifest.num_rows)
+    for note in notes:
+        progress(f"      note: {note}")
+    if regions.num_rows == 0:
+        raise DataError(f"no defect regions in {cfg.data.root}: every anomaly map gives an empty MEBin mask "
+                        "(all-constant maps?); check data.maps")
 
     done = stage(3, "base set")
     base = base_set(cfg, stages)
@@ -289,7 +298,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         from ncd.report import write_report
 
         write_report(out, image_predictions=image_pred, region_predictions=region_pred, regions=regions,
-                     features=features, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3)
+                     features=features, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3,
+                     notes=notes)
     except ImportError:  # pragma: no cover - the report module is optional in stripped installs
         io.write_bytes(io.join(out, "report.md"), (metrics_markdown(metrics["image"]) if metrics else "").encode(), s3)
     if metrics:
@@ -297,6 +307,8 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
     seconds["total"] = round(time.perf_counter() - t_all, 2)
     summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
+               "images_without_regions": checks["images_without_regions"],
+               "mebin_outliers": checks["mebin_outliers"], "notes": notes,
                "selected_head": heads, "models": models, "metrics": metrics, "seconds": seconds,
                "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": public_dict(cfg)}
     io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
@@ -315,6 +327,7 @@ def summary_text(summary: dict[str, Any]) -> str:
             lines.append(f"  {level:6s} level: NMI {m['nmi']:.3f}  ARI {m['ari']:.3f}  F1 {m['f1']:.3f}"
                          + (f"  (weighted by samples: NMI {w['nmi']:.3f}  ARI {w['ari']:.3f}  F1 {w['f1']:.3f})"
                             if len(result["per_category"]) > 1 else "") + f"; {scored_text(result)}")
+    lines += [f"  note: {note}" for note in summary.get("notes", ())]
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()))
     models = list(summary.get("models", {}).values()) or ["model.pt"]
     shown = models[0] if len(models) == 1 else f"models/<category>.pt for {len(models)} categories"

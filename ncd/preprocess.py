@@ -23,7 +23,7 @@ from ncd import io
 from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
 from ncd.crops import crop_regions, mask_to_image_size, score_map_to_image_size
 from ncd.io import DataError
-from ncd.mebin import binarize, normalize, search_range
+from ncd.mebin import binarize, normalize, peak_outliers, search_range
 from ncd.proto.object_prior import crop_anomaly_map, crop_object_mask, object_mask
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ REGION_SCHEMA = pa.schema([
 ])
 STATS_SCHEMA = pa.schema([
     ("category", pa.string()),
+    ("image_id", pa.string()),
     ("lo", pa.float64()),
     ("hi", pa.float64()),
     ("peak", pa.float64()),
@@ -61,7 +62,9 @@ class CategoryRange:
 
     ``scale_lo``/``scale_hi`` map non-8-bit maps jointly onto 0..255 (as AnomalyNCD's
     README helper does for a whole run); ``min_th``/``max_th`` are MEBin's search range
-    on that 8-bit scale.
+    on that 8-bit scale. ``outliers`` lists the maps whose peak is an outlier among the
+    category's peaks (``mebin.peak_outliers``) as ``(image_id, peak)``, in the map's own
+    scale; with ``mebin.exclude_outliers`` (``excluded``) they do not set the range.
     """
 
     is_uint8: bool
@@ -69,6 +72,9 @@ class CategoryRange:
     scale_hi: float
     min_th: int
     max_th: int
+    median_peak: float = float("nan")
+    outliers: tuple[tuple[str, float], ...] = ()
+    excluded: bool = False
 
 def to_uint8(values: np.ndarray | float, lo: float, hi: float) -> np.ndarray:
     """Map ``[lo, hi]`` onto 0..255 (rounded, clipped); a zero span gives 0."""
@@ -82,26 +88,34 @@ def map_statistics(anomaly_map: np.ndarray) -> dict[str, Any]:
     return dict(lo=float(anomaly_map.min()), hi=float(anomaly_map.max()),
                 peak=float(anomaly_map.max()), is_uint8=anomaly_map.dtype == np.uint8)
 
-def reduce_range(is_uint8: bool, lo: float, hi: float, min_peak: float, max_peak: float,
-                 cfg: MebinConfig) -> CategoryRange:
-    """One category's range from its reduced statistics (min/max over all its maps)."""
+def reduce_range(is_uint8: bool, lo: float, peaks: Mapping[str, float], cfg: MebinConfig) -> CategoryRange:
+    """One category's range from its maps' lowest value ``lo`` and their peaks by image id
+    (a map's peak is its highest value); outlier peaks are flagged and, with
+    ``cfg.exclude_outliers``, left out of the range (and of a non-8-bit map's scale)."""
+    ids = sorted(peaks)
+    values = [float(peaks[i]) for i in ids]
+    outliers = tuple((ids[j], values[j]) for j in peak_outliers(values))
+    flagged = {i for i, _ in outliers}
+    kept = [v for i, v in zip(ids, values) if not (cfg.exclude_outliers and i in flagged)]
+    min_peak, max_peak = min(kept), max(kept)
     if is_uint8:
-        peaks = [int(min_peak), int(max_peak)]
         scale_lo, scale_hi = 0.0, float(UINT8_MAX)
+        ends = [int(min_peak), int(max_peak)]
     else:
-        scale_lo, scale_hi = lo, hi
-        peaks = [int(to_uint8(min_peak, lo, hi)), int(to_uint8(max_peak, lo, hi))]
-    min_th, max_th = search_range(peaks, cfg)
-    return CategoryRange(is_uint8, scale_lo, scale_hi, int(min_th), int(max_th))
+        scale_lo, scale_hi = lo, max_peak
+        ends = [int(to_uint8(min_peak, lo, max_peak)), int(to_uint8(max_peak, lo, max_peak))]
+    min_th, max_th = search_range(ends, cfg)
+    return CategoryRange(is_uint8, scale_lo, scale_hi, int(min_th), int(max_th), float(np.median(values)),
+                         outliers, bool(cfg.exclude_outliers and outliers))
 
 def category_ranges(stats: Iterable[Mapping[str, Any]], cfg: MebinConfig) -> dict[str, CategoryRange]:
-    """Reduce per-image statistics (rows with category, lo, hi, peak, is_uint8) per category."""
+    """Reduce per-image statistics (rows with category, image_id, lo, peak, is_uint8) per category."""
     acc: dict[str, list] = {}
     for s in stats:
-        a = acc.setdefault(s["category"], [True, np.inf, -np.inf, np.inf, -np.inf])
+        a = acc.setdefault(s["category"], [True, np.inf, {}])
         a[0] = a[0] and bool(s["is_uint8"])
-        a[1], a[2] = min(a[1], s["lo"]), max(a[2], s["hi"])
-        a[3], a[4] = min(a[3], s["peak"]), max(a[4], s["peak"])
+        a[1] = min(a[1], s["lo"])
+        a[2][s["image_id"]] = s["peak"]
     return {c: reduce_range(*a, cfg) for c, a in acc.items()}
 
 def map_as_uint8(anomaly_map: np.ndarray, rng: CategoryRange) -> np.ndarray:
@@ -137,7 +151,9 @@ def process_image(row: Mapping[str, Any], rng: CategoryRange, mebin: MebinConfig
     shape = image.shape[:2]
     mask = mask_to_image_size(result.mask, shape)
     score_map = score_map_to_image_size(normalize(amap, rng.min_th, rng.max_th), shape)
-    regions = crop_regions(image, mask, score_map, result.count, crop)
+    # an empty mask (a constant map, a map below the range) gives one whole-image crop with
+    # an empty region: there is no defect to label, so it is dropped (discover counts them)
+    regions = [r for r in crop_regions(image, mask, score_map, result.count, crop) if r.area > 0]
     objects = None
     if proto is not None and proto.object_prior != "none":
         objects = object_mask(row, image, proto, s3)
@@ -157,7 +173,7 @@ def process_image(row: Mapping[str, Any], rng: CategoryRange, mebin: MebinConfig
 
 def image_statistics(row: Mapping[str, Any], s3: S3Config | None = None) -> dict[str, Any]:
     """Pass 1 for one manifest row."""
-    return dict(category=row["category"], **map_statistics(io.read_map(row["map_uri"], s3)))
+    return dict(category=row["category"], image_id=row["image_id"], **map_statistics(io.read_map(row["map_uri"], s3)))
 
 def regions_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Region rows as a table, sorted by region id (the canonical order)."""

@@ -326,7 +326,8 @@ def _galleries(cat: str, data: LevelData, summary: list[dict[str, Any]], regions
 def write_report(out_uri: str, *, image_predictions: pa.Table, region_predictions: pa.Table, regions: pa.Table,
                  features: np.ndarray | None = None, metrics: Mapping[str, Any] | None = None,
                  k_info: Mapping[str, Any] | None = None, title: str = "ncd discovery report",
-                 s3: S3Config | None = None, gallery_items: int = 24, thumb: int = 128, seed: int = 0) -> str:
+                 s3: S3Config | None = None, gallery_items: int = 24, thumb: int = 128, seed: int = 0,
+                 notes: Sequence[str] = ()) -> str:
     """Write ``report.md`` and its PNGs under ``out_uri``; returns the report's URI.
 
     Tables as in the module docstring; ``features`` (N_regions, D) aligned with the rows
@@ -337,7 +338,8 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
     several categories, else under ``plots/``: ``confusion_image.png`` and
     ``confusion_region.png`` (labelled data only), ``embedding.png`` (with features),
     ``gallery_cluster<k>.png`` / ``gallery_unknown.png`` per region cluster; plus
-    ``plots/k_scores.png`` when ``k_info`` gives scores per K.
+    ``plots/k_scores.png`` when ``k_info`` gives scores per K. ``notes``: findings about
+    the input (``ncd.input_checks.input_notes``), listed under "Input checks".
     """
     _check_columns(image_predictions, IMAGE_REQUIRED, "image predictions")
     _check_columns(region_predictions, REGION_REQUIRED, "region predictions")
@@ -374,6 +376,8 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
           f"images labelled unknown: {n_unknown}; ground-truth types "
           f"{'known' if labelled else 'not given, so no metrics or confusion matrices'}.", "",
           HOW_TO_READ]
+    if notes:
+        md += ["## Input checks", "", *[f"- {_md(n)}" for n in notes], ""]
 
     table = metrics_table(metrics) if metrics else ""
     if table:

@@ -28,7 +28,7 @@ import ray
 from ncd import io
 from ncd.catalog import build_manifest
 from ncd.config import ExperimentConfig, absolute_paths, load_config, redacted
-from ncd.preprocess import CategoryRange, check_categories, image_statistics, reduce_range
+from ncd.preprocess import CategoryRange, category_ranges, check_categories, image_statistics
 from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)
 from ncd.validation import validate
@@ -37,12 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def _stats_batch(batch: pd.DataFrame, s3) -> pd.DataFrame:
-    """Pass 1 for a batch: per-image map statistics, reduced per category within the batch."""
-    df = pd.DataFrame([image_statistics(r, s3) for r in batch.to_dict("records")])
-    df["is_uint8"] = df["is_uint8"].astype("int64")
-    return df.groupby("category", as_index=False).agg(
-        all_uint8=("is_uint8", "min"), lo=("lo", "min"), hi=("hi", "max"),
-        min_peak=("peak", "min"), max_peak=("peak", "max"))
+    """Pass 1 for a batch: per-image map statistics (a few numbers per image)."""
+    return pd.DataFrame([image_statistics(r, s3) for r in batch.to_dict("records")])
 
 
 PART_COLUMNS = ["category", "file", "images", "regions"]
@@ -61,18 +57,12 @@ def _stage_batch(batch: pd.DataFrame, ranges: dict[str, CategoryRange], cfg: Exp
 
 def compute_ranges(ds: "ray.data.Dataset", cfg: ExperimentConfig,
                    concurrency: int | None = None) -> dict[str, CategoryRange]:
-    """Pass 1: per-category reduction of per-image map statistics (min/max, so batches
-    reduce their own images and the driver combines the partial results)."""
+    """Pass 1: per-image map statistics, reduced per category on the driver (every peak is
+    needed to flag outlier maps)."""
     stats = ds.map_batches(_stats_batch, fn_kwargs={"s3": cfg.s3}, batch_format="pandas",
                            batch_size=cfg.preprocess.batch_size,
                            compute=ray.data.TaskPoolStrategy(size=concurrency))
-    # the batches' partial reductions are a few rows each: combined here, no shuffle
-    acc: dict[str, list] = {}
-    for a in stats.take_all():
-        b = acc.setdefault(a["category"], [True, float("inf"), float("-inf"), float("inf"), float("-inf")])
-        b[:] = [b[0] and bool(a["all_uint8"]), min(b[1], a["lo"]), max(b[2], a["hi"]),
-                min(b[3], a["min_peak"]), max(b[4], a["max_peak"])]
-    return {c: reduce_range(*b, cfg.mebin) for c, b in acc.items()}
+    return category_ranges(stats.take_all(), cfg.mebin)
 
 
 def run_preprocess(cfg: ExperimentConfig, manifest: pa.Table | None = None, *,

@@ -470,3 +470,46 @@ def test_random_maps_parity_other_settings(cfg):
     rng = np.random.default_rng(cfg.sample_rate * 100 + cfg.erode_kernel)
     maps = [random_map(rng, (96, 120)) for _ in range(4)]
     assert_same(binarize_set(maps, cfg), reference_set(maps, cfg))
+
+
+def _blob_map(rng: np.random.Generator, peak: int, shape=(64, 64)) -> np.ndarray:
+    """Two smooth blobs of different height over low noise, peaking at ``peak``."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    out = rng.uniform(0, 20, shape)
+    for height in (1.0, 0.6):
+        cy, cx = rng.integers(12, shape[0] - 12), rng.integers(12, shape[1] - 12)
+        out += height * (peak - 20) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0 ** 2))
+    return np.clip(out, 0, peak).astype(np.uint8)
+
+
+def test_peak_outliers_flags_a_saturated_and_an_empty_map():
+    from ncd.mebin import peak_outliers
+
+    peaks = [118, 120, 121, 125, 119, 130, 255, 0]
+    assert peak_outliers(peaks) == [6, 7]
+    assert peak_outliers([120] * 5) == [] and peak_outliers([120, 255]) == []
+    assert peak_outliers([255] * 6 + [120]) == [6]  # most peaks equal: the mean deviation stands in
+
+
+def test_excluding_a_saturated_map_keeps_the_other_maps_segmentation():
+    """One saturated map widens its category's MEBin range and so changes every other
+    map's mask; it is flagged, and ``exclude_outliers`` restores the others' masks."""
+    from ncd.preprocess import category_ranges
+
+    rng = np.random.default_rng(3)
+    maps = {f"m{i}": _blob_map(rng, int(rng.integers(110, 131))) for i in range(7)}
+    saturated = np.full((64, 64), 255, np.uint8)
+
+    def masks(all_maps: dict, cfg: MebinConfig) -> tuple[dict, object]:
+        stats = [dict(category="c", image_id=i, lo=float(m.min()), peak=float(m.max()), is_uint8=True)
+                 for i, m in all_maps.items()]
+        r = category_ranges(stats, cfg)["c"]
+        return {i: binarize(m, r.min_th, r.max_th, cfg).mask for i, m in maps.items()}, r
+
+    clean, _ = masks(maps, MebinConfig())
+    shared, flagged = masks({**maps, "sat": saturated}, MebinConfig())
+    assert flagged.outliers == (("sat", 255.0),) and not flagged.excluded
+    assert any(not np.array_equal(clean[i], shared[i]) for i in maps)  # the issue: others change
+    kept, excluded = masks({**maps, "sat": saturated}, MebinConfig(exclude_outliers=True))
+    assert excluded.excluded and excluded.outliers == flagged.outliers
+    assert all(np.array_equal(clean[i], kept[i]) for i in maps)

@@ -16,7 +16,15 @@ def test_discover_single_process(demo_root, tmp_path):
                  "region_predictions.parquet", "report.md", "metrics.json", "summary.json"):
         assert (tmp_path / name).exists(), name
     images = read_table(str(tmp_path / "image_predictions.parquet"))
-    assert images.num_rows == summary["images"]
+    # images with an empty MEBin mask have no region: dropped, and counted
+    assert summary["images_without_regions"] > 0
+    assert images.num_rows + summary["images_without_regions"] == summary["images"]
+    assert min(read_table(str(tmp_path / "regions")).column("area").to_pylist()) > 0
+    # the demo's fabric/good/good_002 map peaks far below the others: flagged as setting the MEBin range
+    assert summary["mebin_outliers"]["fabric"]["outliers"][0][0] == "fabric/good/good_002"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Input checks" in report and "fabric/good/good_002 (peak 29)" in report
+    assert f"{summary['images_without_regions']} of {summary['images']} images have an empty MEBin mask" in report
     truth, pred = images.column("gt_type").to_pylist(), images.column("cluster").to_pylist()
     rng = np.random.default_rng(0)
     chance = np.mean([normalized_mutual_info_score(truth, rng.permutation(pred)) for _ in range(20)])
