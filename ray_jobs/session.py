@@ -49,6 +49,14 @@ def quiet_ray(verbose: bool) -> None:
             pass
 
 
+class PlainFormatter(logging.Formatter):
+    """The message alone; warnings and errors say so first."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def setup_logging(verbose: bool) -> None:
     """ncd's own log lines (INFO) as plain text; other libraries' at WARNING; everything,
     with timestamps, under ``verbose``."""
@@ -56,6 +64,8 @@ def setup_logging(verbose: bool) -> None:
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     else:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(PlainFormatter())
         for name in ("ncd", "ray_jobs"):
             logging.getLogger(name).setLevel(logging.INFO)
     quiet_ray(verbose)

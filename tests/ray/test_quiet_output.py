@@ -18,6 +18,8 @@ setup_logging(verbose)
 start_ray(None, S3Config(), verbose)
 import ray
 logging.getLogger("ncd.job").info("ncd progress line")
+logging.getLogger("ncd.job").warning("ncd warning line")
+logging.getLogger("faiss.loader").info("third-party info line")
 print("rows", ray.data.range(8).map_batches(lambda b: b).count())
 """
 
@@ -33,10 +35,11 @@ def _run(verbose: bool) -> str:
 
 def test_ray_logs_only_with_verbose():
     quiet = _run(verbose=False)
-    assert "ncd progress line" in quiet and "rows 8" in quiet
-    for noise in ("streaming_executor", "Execution plan", "Token authentication", "Progress bars", "INFO"):
+    assert "ncd progress line" in quiet and "warning: ncd warning line" in quiet and "rows 8" in quiet
+    for noise in ("streaming_executor", "Execution plan", "Token authentication", "Progress bars", "INFO",
+                  "third-party info line"):
         assert noise not in quiet, (noise, quiet)
-    assert len(quiet.strip().splitlines()) == 2, quiet
+    assert len(quiet.strip().splitlines()) == 3, quiet
     from ray_jobs.session import NOTICE_LOGGERS, RAY_LOGGERS, quiet_ray
 
     names = RAY_LOGGERS + NOTICE_LOGGERS
