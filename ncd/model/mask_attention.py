@@ -24,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 KEEP_THRESHOLD = 0.5  # a patch is visible to CLS when its pooled mask coverage is >= this
+FEATURES = ("cls", "patch", "cls+patch")  # what the heads see (``model.feature``)
 MASK_ALIGN = 16  # row stride of the bias buffer, in elements (SDPA kernels want aligned masks)
 
 
@@ -114,9 +115,15 @@ class MaskGuidedViT(nn.Module):
     embedding, CLS/register tokens, position embedding and final norm stay frozen, as
     upstream). Blocks before the first parameter that needs a gradient run under
     ``torch.no_grad()`` (no activations stored for them).
+
+    ``feature`` chooses the region feature the heads see: ``cls`` (the paper's), ``patch``
+    (the patch tokens of block ``feature_block``, final-normed, averaged with weights
+    ``context + (1 - context) * coverage`` of the region mask: the mask as a soft weight,
+    with some context) or ``cls+patch`` (both, each L2-normalised, concatenated).
     """
 
-    def __init__(self, backbone: VisionTransformer, mask_layers: int, grad_from_block: int) -> None:
+    def __init__(self, backbone: VisionTransformer, mask_layers: int, grad_from_block: int,
+                 feature: str = "cls", feature_block: int = -1, feature_context: float = 0.1) -> None:
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm"):
             if not hasattr(backbone, attr):
@@ -136,12 +143,20 @@ class MaskGuidedViT(nn.Module):
         self.mask_layers = mask_layers
         self.first_masked_block = depth - mask_layers
         self.grad_from_block = grad_from_block
+        if feature not in FEATURES:
+            raise ValueError(f"model.feature={feature!r}; valid: {', '.join(FEATURES)}")
+        if not -depth <= feature_block < depth:
+            raise ValueError(f"model.feature_block={feature_block} must be in [{-depth}, {depth - 1}]")
+        if not 0.0 <= feature_context <= 1.0:
+            raise ValueError(f"model.feature_context={feature_context} must be in [0, 1]")
+        self.feature, self.feature_block, self.feature_context = feature, feature_block % depth, feature_context
         self.freeze()
 
     @property
     def feature_dim(self) -> int:
-        """D, the CLS feature size."""
-        return int(self.backbone.num_features)
+        """The region feature's size: D, or 2D for ``cls+patch``."""
+        d = int(self.backbone.num_features)
+        return 2 * d if self.feature == "cls+patch" else d
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -201,14 +216,26 @@ class MaskGuidedViT(nn.Module):
         return hard_key_bias(coverage, self.num_prefix_tokens, dtype)
 
     def forward(self, images: Tensor, masks: Tensor | None) -> Tensor:
-        """CLS feature (B, D) with the mask-guided CLS attention; ``masks=None``: vanilla ViT."""
-        return self._run(images, masks=masks, key_bias=None)
+        """Region feature (B, ``feature_dim``) with the mask-guided CLS attention; ``masks=None``:
+        vanilla ViT (patch pooling then weighs every patch alike)."""
+        return self._run(images, masks=masks, key_bias=None, region=masks)
 
-    def forward_with_key_bias(self, images: Tensor, key_bias: Tensor | None) -> Tensor:
-        """CLS feature (B, D) with a given (soft) per-key CLS bias (B, N) in the masked blocks."""
-        return self._run(images, masks=None, key_bias=key_bias)
+    def forward_with_key_bias(self, images: Tensor, key_bias: Tensor | None, region: Tensor | None = None) -> Tensor:
+        """Region feature with a given (soft) per-key CLS bias (B, N) in the masked blocks;
+        ``region`` (B, 1, H, W) weighs the patch pooling."""
+        return self._run(images, masks=None, key_bias=key_bias, region=region)
 
-    def _run(self, images: Tensor, masks: Tensor | None, key_bias: Tensor | None) -> Tensor:
+    def pooled_patches(self, x: Tensor, region: Tensor | None) -> Tensor:
+        """(B, D) final-normed patch tokens of ``x`` (B, N, D) averaged with the soft region weights."""
+        patches = self.backbone.norm(x[:, self.num_prefix_tokens :])
+        if region is None:
+            return patches.mean(1)
+        w = self.feature_context + (1.0 - self.feature_context) * patch_coverage(region, self.patch_size)
+        w = w.to(patches.dtype)
+        return (w[..., None] * patches).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def _run(self, images: Tensor, masks: Tensor | None, key_bias: Tensor | None,
+             region: Tensor | None = None) -> Tensor:
         start = self._first_grad_block(images, key_bias) if torch.is_grad_enabled() else 0
         blocks = self.backbone.blocks
         with torch.no_grad() if start > 0 else contextlib.nullcontext():
@@ -225,9 +252,16 @@ class MaskGuidedViT(nn.Module):
                 # the memory-efficient kernel's backward rejects the padded view at some
                 # lengths (197 tokens: "LSE is not correctly aligned"); a dense copy passes
                 attn_bias = attn_bias.contiguous()
+        pooled: Tensor | None = None
         for i, blk in enumerate(blocks):
             bias = attn_bias if i >= self.first_masked_block else None
             with torch.no_grad() if i < start else contextlib.nullcontext():
                 x = blk(x, attn_mask=bias)
-        x = self.backbone.norm(x)
-        return x[:, 0]
+            if i == self.feature_block and self.feature != "cls":
+                pooled = self.pooled_patches(x, region)
+        cls = self.backbone.norm(x)[:, 0]
+        if pooled is None:
+            return cls
+        if self.feature == "patch":
+            return pooled
+        return torch.cat([F.normalize(cls, dim=-1), F.normalize(pooled, dim=-1)], dim=-1)

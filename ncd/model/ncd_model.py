@@ -15,7 +15,8 @@ from ncd.model.mask_attention import MaskGuidedViT
 class NCDModel(nn.Module):
     """``forward(images, masks) -> {"feat", "proj", "logits"}``.
 
-    - ``feat``: (B, D) CLS feature (final norm, not L2-normalised);
+    - ``feat``: (B, D) region feature (``model.feature``: the final-norm CLS by default, not
+      L2-normalised);
     - ``proj``: (B, proj_dim) projector output of ``feat`` (normalised by the losses);
     - ``logits``: ``n_head`` tensors (B, L + K) of cosine logits of normalised ``feat``.
 
@@ -53,7 +54,8 @@ def build_ncd_model(
         s3, read_bytes, model_kwargs: passed to :func:`ncd.model.backbone.load_backbone`.
     """
     backbone = load_backbone(cfg, s3, read_bytes=read_bytes, model_kwargs=model_kwargs)
-    encoder = MaskGuidedViT(backbone, cfg.mask_layers, cfg.grad_from_block)
+    encoder = MaskGuidedViT(backbone, cfg.mask_layers, cfg.grad_from_block, cfg.feature, cfg.feature_block,
+                            cfg.feature_context)
     projector = Projector(encoder.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
     heads = PrototypeHeads(encoder.feature_dim, num_base, num_novel, cfg.n_head)
     return NCDModel(encoder, projector, heads)

@@ -47,7 +47,7 @@ class ProtoNCDModel(NCDModel):
 
     def forward(self, images: Tensor, masks: Tensor | None) -> dict[str, Any]:
         bias = self.key_bias(masks) if masks is not None else None
-        feat = self.encoder.forward_with_key_bias(images, bias)
+        feat = self.encoder.forward_with_key_bias(images, bias, masks[:, 0:1] if masks is not None else None)
         return {"feat": feat, "proj": self.projector(feat), "logits": self.heads(feat),
                 "prototypes": self.heads.prototypes()}
 

@@ -454,3 +454,49 @@ def test_ncd_model_trainable_set_and_outputs():  # invariant 18
     assert all(z.abs().max() <= 1 + 1e-6 for z in out["logits"])
     sum(z.sum() for z in out["logits"]).add(out["proj"].sum()).backward()
     assert math.isfinite(float(model.heads.weight.grad.abs().sum()))
+
+
+def _manual_patch_tokens(vit: torch.nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    for blk in vit.blocks[: block + 1]:
+        x = blk(x)
+    return vit.norm(x)[:, vit.num_prefix_tokens:]
+
+
+def test_patch_feature_weighs_the_region_softly():
+    vit = tiny_vit()
+    enc = MaskGuidedViT(vit, mask_layers=3, grad_from_block=3, feature="patch", feature_block=1,
+                        feature_context=0.0)
+    images = torch.randn(2, 3, IMG, IMG)
+    masks = torch.zeros(2, 1, IMG, IMG)
+    masks[:, :, :8, :8] = 1.0  # exactly patch 0
+    tokens = _manual_patch_tokens(vit, images, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(images, masks), tokens[:, 0], atol=1e-5, rtol=1e-5)
+        enc.feature_context = 1.0  # every patch alike: the plain mean
+        torch.testing.assert_close(enc(images, masks), tokens.mean(1), atol=1e-5, rtol=1e-5)
+        enc.feature_context = 0.5
+        w = torch.full((16,), 0.5)
+        w[0] = 1.0
+        expected = (w[None, :, None] * tokens).sum(1) / w.sum()
+        torch.testing.assert_close(enc(images, masks), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cls_plus_patch_feature_concatenates_unit_halves():
+    vit = tiny_vit()
+    enc = MaskGuidedViT(vit, mask_layers=3, grad_from_block=3, feature="cls+patch", feature_block=-1)
+    cls_only = MaskGuidedViT(tiny_vit(), mask_layers=3, grad_from_block=3)
+    images, masks = torch.randn(2, 3, IMG, IMG), (torch.rand(2, 1, IMG, IMG) > 0.5).float()
+    with torch.no_grad():
+        feat = enc(images, masks)
+        cls = cls_only(images, masks)
+    assert enc.feature_dim == 2 * vit.num_features == feat.shape[1]
+    torch.testing.assert_close(feat[:, : vit.num_features], F.normalize(cls, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feat[:, vit.num_features:].norm(dim=1), torch.ones(2), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_feature_settings_are_rejected():
+    with pytest.raises(ValueError, match="model.feature="):
+        MaskGuidedViT(tiny_vit(), 3, 3, feature="mean")
+    with pytest.raises(ValueError, match="model.feature_block"):
+        MaskGuidedViT(tiny_vit(), 3, 3, feature="patch", feature_block=4)
