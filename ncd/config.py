@@ -151,6 +151,8 @@ class InferConfig:
     k_min: int = 2  # K estimation range (train.num_novel=auto, AnomalyNCD mode)
     k_max: int = 12
     k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.k_criteria.CRITERIA
+    collapse_share: float = 0.6  # a model whose largest cluster holds more of the images has collapsed
+    on_collapse: str = "error"  # error (outputs written, then the run fails) | warn
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute
 from ncd.data import eval_set
 from ncd.engine import LocalContext, train, view_spec
 from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
+from ncd.health import CollapseError, cluster_health, collapse_message
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
 from ncd.method import build_model, guide_columns
@@ -261,7 +262,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     done()
 
     groups = category_groups(cfg, regions)
-    parts, feats, region_preds, image_preds, k_infos, heads, models = [], [], [], [], {}, {}, {}
+    parts, feats, region_preds, image_preds, k_infos, heads, models, healths = [], [], [], [], {}, {}, {}, {}
     for g, (name, part) in enumerate(groups):
         label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
         done = stage(4, "train" + label)
@@ -276,6 +277,10 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         probs = region_probabilities(trained, outputs.logits)
         region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
         image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
+        healths[name] = cluster_health(image_preds[-1].column("cluster").to_numpy(), part_cfg.train.num_novel,
+                                       cfg.infer.collapse_share)
+        if healths[name]["collapsed"]:
+            log.warning(collapse_message(name, healths[name], part_cfg.train.num_novel))
         models[name] = model_path(len(groups), name)
         save_model(trained, io.join(out, models[name]), s3)
         parts.append(part)
@@ -309,9 +314,13 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
                "images_without_regions": checks["images_without_regions"],
                "mebin_outliers": checks["mebin_outliers"], "notes": notes,
-               "selected_head": heads, "models": models, "metrics": metrics, "seconds": seconds,
+               "selected_head": heads, "models": models, "health": healths,
+               "collapsed": sorted(n for n, h in healths.items() if h["collapsed"]), "metrics": metrics, "seconds": seconds,
                "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": public_dict(cfg)}
     io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
+    if summary["collapsed"] and cfg.infer.on_collapse == "error":
+        raise CollapseError("; ".join(collapse_message(n, healths[n], k_infos[n]["k"]) for n in summary["collapsed"])
+                            + f" (outputs kept in {out}; infer.on_collapse=warn returns them as a result)")
     return summary
 
 

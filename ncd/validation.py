@@ -99,6 +99,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "infer.batch_size": _at_least(1),
     "infer.k_min": _at_least(2),
     "infer.k_criterion": _one_of(tuple(CRITERIA)),
+    "infer.collapse_share": _unit,
+    "infer.on_collapse": _one_of(("error", "warn")),
     "proto.object_prior": _one_of(OBJECT_PRIORS),
     "proto.guidance": _one_of(GUIDANCE_MODES),
     "proto.kappa": _positive,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ncd import io
 from ncd.config import ConfigError, ExperimentConfig, load_config
+from ncd.health import CollapseError
 from ncd.io import DataError, StorageError
 
 log = logging.getLogger("ncd")
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ConfigError, DataError, StorageError, FileNotFoundError, _training_error()) as err:
+    except (ConfigError, DataError, StorageError, FileNotFoundError, CollapseError, _training_error()) as err:
         if args.verbose:
             traceback.print_exc()
         cause = getattr(err, "cause", None) or err  # an error raised in a Ray worker: its own message

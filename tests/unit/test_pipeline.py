@@ -183,3 +183,20 @@ def test_closing_line_names_the_model_files_written():
     assert model_path(2, "a/b") == "models/a%2Fb.pt"
     last = summary_text(many).splitlines()[-1]
     assert "model.pt" not in last and "models/<category>.pt for 2 categories" in last
+
+
+def test_a_collapsed_model_fails_loudly_after_writing_its_outputs(demo_root, tmp_path):
+    import pytest
+
+    from ncd.health import CollapseError
+
+    # collapse_share=0.01: any partition counts as collapsed, so the check must fire after every output is written
+    over = [f"data.root={demo_root}", f"output={tmp_path}", f"preprocess.output={tmp_path}", "train.epochs=1",
+            "data.categories=plate", "infer.collapse_share=0.01"]
+    with pytest.raises(CollapseError, match="plate: training collapsed"):
+        discover(load_config("ncd/configs/demo_smoke.yaml", over))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["collapsed"] == ["plate"] and summary["health"]["plate"]["collapsed"]
+    assert (tmp_path / "image_predictions.parquet").exists()
+    warned = discover(load_config("ncd/configs/demo_smoke.yaml", over + ["infer.on_collapse=warn"]))
+    assert warned["collapsed"] == ["plate"]
