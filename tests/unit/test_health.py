@@ -36,3 +36,9 @@ def test_unknown_labels_are_ignored_and_empty_input_is_not_a_collapse():
     assert not cluster_health([], 3)["collapsed"]
     h = cluster_health([-1] * 50 + list(range(3)) * 10, 3)
     assert h["samples"] == 30 and not h["collapsed"]
+
+
+def test_too_few_samples_are_not_judged():
+    h = cluster_health([0] * 11 + [1, 2, 3, 4, 5], 6)  # 16 samples for K=6: 69% in one cluster, but too few
+    assert not h["judged"] and not h["collapsed"]
+    assert cluster_health([0] * 23 + [1], 6)["collapsed"]  # 24 = 4K samples: judged

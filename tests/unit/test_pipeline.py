@@ -192,7 +192,7 @@ def test_a_collapsed_model_fails_loudly_after_writing_its_outputs(demo_root, tmp
 
     # collapse_share=0.01: any partition counts as collapsed, so the check must fire after every output is written
     over = [f"data.root={demo_root}", f"output={tmp_path}", f"preprocess.output={tmp_path}", "train.epochs=1",
-            "data.categories=plate", "infer.collapse_share=0.01"]
+            "data.categories=plate", "train.num_novel=2", "infer.collapse_share=0.01"]
     with pytest.raises(CollapseError, match="plate: training collapsed"):
         discover(load_config("ncd/configs/demo_smoke.yaml", over))
     summary = json.loads((tmp_path / "summary.json").read_text())
