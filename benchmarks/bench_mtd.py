@@ -27,10 +27,13 @@ Arms (same MEBin crops; settings of ``ncd/configs/mtd_bench.yaml`` plus ``--set`
 Each arm runs ``--seeds`` times (``train.seed`` = 0..N-1; the baseline's k-means seeds
 likewise); reported: the mean over seeds and the spread (std) as ``*_std``.
 
-K estimates (label-free, never from embeddings trained with the true K): ``ncd`` the
-silhouette criterion (what ``--k auto`` runs) and ``proto`` the prototype score, both on
-the frozen features the arm starts from (its model before training, region level);
-``baseline`` the silhouette on its strongest variant's image features. K in 2..12.
+K estimates (label-free, never from embeddings trained with the true K): each arm's
+``--k auto`` (``infer.k_criterion`` over its K range) on the features the arm starts from
+(its model before training, region level); ``baseline`` the silhouette on its strongest
+variant's image features. K in 2..12. Each arm also reports ``start_nmi``, k-means (true K)
+on its model's features before training, and ``gain_over_start``: a run that ends below
+its start says so here. A seed whose model collapsed (``ncd.health``) is listed in
+``collapsed_seeds`` and printed as FAILED; its metrics stay in the mean.
 
 Last line: JSON with ``ncd``, ``proto``, ``baseline`` (``nmi``, ``ari``, ``f1``,
 ``nmi_std``..., ``k_estimate``), ``baseline_variants``, ``k_true``, ``seconds``,
@@ -46,13 +49,12 @@ import warnings
 
 import pyarrow as pa
 
-from frozen_baseline import evaluate_variants, feature_sets, k_estimate, summarise
+import numpy as np
+from frozen_baseline import cluster_images, evaluate_variants, feature_sets, image_features, k_estimate, summarise
 from mtd_common import METRICS, bench_parser, prepare_args, work_dir
 
 from ncd.config import ExperimentConfig, apply_overrides
-from ncd.k_estimation import estimate_k
-from ncd.pipeline import category_groups, discover, frozen_features, local_preprocess
-from ncd.proto.k_estimation import estimate_k as proto_estimate_k
+from ncd.pipeline import category_groups, discover, estimate_novel_k, frozen_features, local_preprocess
 from ncd.splits import type_counts
 
 ARMS = {
@@ -83,27 +85,30 @@ def true_k_per_category(manifest: pa.Table) -> dict[str, int]:
     return {c: len(t) for c, t in types.items()}
 
 
-def arm_k_estimate(cfg: ExperimentConfig, regions: pa.Table, arm: str) -> dict[str, int]:
-    """The arm's label-free K per category on its untrained model's region features."""
-    out = {}
+def arm_start(cfg: ExperimentConfig, regions: pa.Table) -> tuple[dict[str, int], dict[str, float]]:
+    """The arm's model before training: its label-free K per category (``--k auto``'s criterion,
+    ``estimate_novel_k``) and the k-means (true K) metrics of its region features."""
+    ks, parts = {}, []
     for name, part in category_groups(apply_overrides(cfg, ["train.per_category=true"]), regions):
-        feats = frozen_features(cfg, part)
-        if arm == "ncd":
-            out[name] = estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, seed=0).k
-        else:
-            out[name] = int(proto_estimate_k(feats, range(cfg.proto.k_min, cfg.proto.k_max + 1), seed=0)[0])
-    return out
+        ks[name] = estimate_novel_k(cfg, part).k
+        parts.append((part, frozen_features(cfg, part)))
+    table = pa.concat_tables([p for p, _ in parts])
+    categories, truth, x = image_features(table, np.concatenate([f for _, f in parts]), cfg.infer.area_temperature)
+    return ks, cluster_images(categories, truth, x, seed=0)
 
 
 def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seeds: int, seconds: dict) -> dict:
     """``ncd discover`` of ``arm`` once per seed; mean and spread of the image-level metrics."""
-    runs = []
+    runs, collapsed = [], []
     for seed in range(seeds):
         arm_cfg = arm_config(cfg, work, arm, seed)
         shutil.rmtree(arm_cfg.output, ignore_errors=True)  # train afresh: never resume an earlier run's model
-        summary = discover(arm_cfg, manifest=manifest,
+        summary = discover(apply_overrides(arm_cfg, ["infer.on_collapse=warn"]), manifest=manifest,
                            progress=lambda s: print(f"[{arm} seed {seed}] {s}", flush=True))
         runs.append(summary["metrics"]["image"]["mean"])
+        if summary["collapsed"]:
+            collapsed.append(seed)
+            print(f"[{arm} seed {seed}] FAILED: collapsed ({', '.join(summary['collapsed'])})", flush=True)
         seconds[f"{arm}_seed{seed}"] = summary["seconds"]
         print(f"[{arm} seed {seed}] NMI {runs[-1]['nmi']:.3f} ARI {runs[-1]['ari']:.3f} F1 {runs[-1]['f1']:.3f}",
               flush=True)
@@ -111,9 +116,13 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seed
     result = summarise(runs)
     result["regions"] = regions.num_rows
     result["nmi_per_seed"] = [round(r["nmi"], 4) for r in runs]
+    result["collapsed_seeds"] = collapsed
     t0 = time.perf_counter()
-    result["k_estimate"] = one_or_all(arm_k_estimate(arm_config(cfg, work, arm, 0), regions, arm))
-    seconds[f"{arm}_k_estimate"] = round(time.perf_counter() - t0, 1)
+    ks, start = arm_start(arm_config(cfg, work, arm, 0), regions)
+    result["k_estimate"] = one_or_all(ks)
+    result["start_nmi"] = round(start["nmi"], 4)
+    result["gain_over_start"] = round(result["nmi"] - start["nmi"], 4)
+    seconds[f"{arm}_start"] = round(time.perf_counter() - t0, 1)
     return result
 
 
@@ -138,10 +147,13 @@ def _cell(r: dict, metric: str) -> str:
 
 
 def print_tables(results: dict, variants: dict) -> None:
-    print("\n| arm | NMI | ARI | F1 | K estimate |\n| --- | --- | --- | --- | --- |")
+    print("\n| arm | NMI | ARI | F1 | K estimate | NMI before training | gain | collapsed seeds |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for arm, r in results.items():
         title = ARM_TITLES.get(arm) or f"baseline: k-means on frozen features ({r['variant']})"
-        print(f"| {title} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['k_estimate']} |")
+        start = (f" | {r['start_nmi']:.3f} | {r['gain_over_start']:+.3f} | {r['collapsed_seeds'] or '-'}"
+                 if "start_nmi" in r else " | | | ")
+        print(f"| {title} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['k_estimate']}{start} |")
     if variants:
         print("\n| baseline variant | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
         for v, r in variants.items():

@@ -84,7 +84,7 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
     return feats, seconds
 
 
-def _image_features(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list, list, np.ndarray]:
+def image_features(regions: pa.Table, feats: np.ndarray, temperature: float) -> tuple[list, list, np.ndarray]:
     """Image categories, gt types and unit features (region features normalised, merged, normalised)."""
     truth, pooled = image_level(regions, l2_normalise(feats), temperature)
     return _image_categories(regions), truth, l2_normalise(pooled)
@@ -120,7 +120,7 @@ def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: in
     """{variant: mean and spread over ``seeds`` k-means seeds of NMI, ARI, F1}."""
     out = {}
     for variant, f in feats.items():
-        categories, truth, x = _image_features(regions, f, temperature)
+        categories, truth, x = image_features(regions, f, temperature)
         out[variant] = summarise([cluster_images(categories, truth, x, seed) for seed in range(seeds)])
     return out
 
@@ -128,6 +128,6 @@ def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: in
 def k_estimate(regions: pa.Table, feats: np.ndarray, cfg: ExperimentConfig) -> dict[str, int]:
     """Label-free K per category: the silhouette criterion (``ncd.k_estimation``) on the
     variant's image features, K in ``infer.k_min..k_max``."""
-    categories, _, x = _image_features(regions, feats, cfg.infer.area_temperature)
+    categories, _, x = image_features(regions, feats, cfg.infer.area_temperature)
     cats = np.asarray(categories)
     return {c: estimate_k(x[cats == c], cfg.infer.k_min, cfg.infer.k_max, seed=0).k for c in dict.fromkeys(categories)}
