@@ -211,7 +211,7 @@ class DetectConfig:
     knn: str = "faiss"  # faiss (k-NN with the exactness shortcut, exact fallback) | exact (blocked products)
     knn_candidates: int = 0  # neighbours per FAISS query; 0 = max(16, 4 x the images needed)
     rescore_k: tuple[int, ...] = (1, 2, 3)  # RsCIN windows for image scores; empty = no re-scoring
-    bank_max_patches: int = 200000  # few-shot memory bank: greedy coreset above this many patches
+    bank_max_patches: int = 50000  # few-shot memory bank: greedy coreset above this many patches
     blur_sigma: float = 4.0  # few-shot map blur, pixels at image_size
     subset_size: int = 512  # images per scoring task (stratified subsets of a large category)
     batch_size: int = 8  # images per feature batch

@@ -154,35 +154,41 @@ def mutual_scores(query: np.ndarray, reference: np.ndarray, self_index: np.ndarr
 
 
 def greedy_coreset(x: torch.Tensor, size: int, seed: int, dim: int = 128) -> torch.Tensor:
-    """Indices of ``size`` rows chosen by greedy k-centre on a random projection (PatchCore)."""
+    """Indices of ``size`` rows chosen by greedy k-centre on a random projection (PatchCore);
+    O(rows x size), on the GPU when there is one."""
     g = torch.Generator().manual_seed(seed)
-    proj = x @ (torch.randn(x.shape[1], dim, generator=g) / math.sqrt(dim))
-    chosen = torch.empty(size, dtype=torch.long)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    proj = (x @ (torch.randn(x.shape[1], dim, generator=g) / math.sqrt(dim))).to(dev)
+    chosen = torch.empty(size, dtype=torch.long, device=dev)
     chosen[0] = int(torch.randint(x.shape[0], (1,), generator=g))
     nearest = torch.cdist(proj, proj[chosen[:1]]).squeeze(1)
     for i in range(1, size):
-        chosen[i] = int(nearest.argmax())
+        chosen[i] = nearest.argmax()
         nearest = torch.minimum(nearest, torch.cdist(proj, proj[chosen[i:i + 1]]).squeeze(1))
-    return chosen
+    return chosen.cpu()
 
 
 def bank_scores(query: np.ndarray, bank: np.ndarray, self_index: np.ndarray, cfg: DetectConfig) -> np.ndarray:
     """PatchCore-style patch scores (n, h, w): distance to the nearest memory-bank patch of
     another image, per (layer, radius) pair, averaged. bank (B, L, h, w, C): normal images'
     tokens; self_index: the query's position in ``bank`` or -1 (a bank image is scored
-    against the others)."""
+    against the others). A bank above ``detect.bank_max_patches`` keeps a greedy coreset
+    of that many patch positions, chosen once on the deepest block's unaggregated tokens
+    and used for every pair."""
     n, n_layers, h, w, _ = query.shape
     patches = h * w
     bank_image = torch.arange(bank.shape[0]).repeat_interleave(patches)
     self_rows = torch.from_numpy(np.repeat(np.asarray(self_index, np.int64), patches))
+    keep = None
+    if bank_image.numel() > cfg.bank_max_patches:
+        keep = greedy_coreset(_flat(bank, n_layers - 1, 1), cfg.bank_max_patches, cfg.seed)
+        bank_image = bank_image[keep]
     total = torch.zeros(n * patches)
     pairs = _pairs(cfg, n_layers)
     for layer, r in pairs:
-        ref, ref_image = _flat(bank, layer, r), bank_image
-        if ref.shape[0] > cfg.bank_max_patches:
-            keep = greedy_coreset(ref, cfg.bank_max_patches, cfg.seed)
-            ref, ref_image = ref[keep], ref_image[keep]
-        total += image_minima_mean(_flat(query, layer, r), ref, ref_image, self_rows, 1, cfg.knn,
+        ref = _flat(bank, layer, r)
+        ref = ref if keep is None else ref[keep]
+        total += image_minima_mean(_flat(query, layer, r), ref, bank_image, self_rows, 1, cfg.knn,
                                    cfg.knn_candidates)
     return (total / len(pairs)).reshape(n, h, w).numpy()
 
