@@ -33,6 +33,7 @@ from ncd.predict import (TrainedModel, image_predictions, region_predictions, re
                          warn_unseen_categories)
 from ncd.input_checks import input_checks, input_notes
 from ncd.io import DataError
+from ncd.region_refs import is_light
 from ncd.region_table import REGIONS_DIR, read_regions, update_regions
 from ncd.validation import validate
 
@@ -107,10 +108,19 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
     return stages.preprocess(base_cfg, build_manifest(base_cfg.data, cfg.s3))
 
 
-def frozen_features(cfg: ExperimentConfig, regions: pa.Table) -> np.ndarray:
-    """Mask-guided CLS features of the pretrained backbone (before any training)."""
+Infer = Callable[[TrainedModel, pa.Table], RegionOutputs]
+
+
+def frozen_features(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> np.ndarray:
+    """Mask-guided CLS features of the pretrained backbone (before any training); for a
+    light table (crops in storage, ``ncd.region_refs``) computed by ``infer`` (a stage's)."""
     torch.manual_seed(cfg.train.seed)  # the untrained head (and a random backbone) are reproducible too
-    model = build_model(cfg, 0, 1).to(device())
+    model = build_model(cfg, 0, 1)
+    if is_light(regions):
+        if infer is None:
+            raise ValueError("features of a region table without crops need an inference stage (infer=...)")
+        return infer(TrainedModel(model.eval(), cfg, {"num_base": 0, "num_novel": 1}, 0), regions).feat
+    model = model.to(device())
     return forward_regions(model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size, device(),
                            cfg.train.amp).feat
 
@@ -128,17 +138,17 @@ def true_k(regions: pa.Table) -> int:
     return len({t for t in regions.column("gt_type").to_pylist() if t})
 
 
-def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table) -> KEstimate:
+def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> KEstimate:
     """K without labels from the frozen features of ``regions`` (the model before training),
     by ``infer.k_criterion`` (``ncd.k_estimation``) over the mode's range: ``infer.k_min..k_max``
     (AnomalyNCD mode) or ``proto.k_min..k_max`` (ProtoAnomalyNCD mode)."""
-    feats = frozen_features(cfg, regions)
+    feats = frozen_features(cfg, regions, infer)
     k_range = (cfg.proto.k_min, cfg.proto.k_max) if cfg.method == "protoanomalyncd" else (cfg.infer.k_min,
                                                                                           cfg.infer.k_max)
     return estimate_k(feats, *k_range, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
-
-def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig, dict[str, Any]]:
+def choose_k(cfg: ExperimentConfig, regions: pa.Table,
+             infer: Infer | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
     """Resolve ``train.num_novel`` for training on ``regions``: a given number, ``auto``
     (estimated without labels, logged with its criterion) or ``gt`` (the oracle count of
     ground-truth types, only when asked). Returns the config with K as a number and what
@@ -156,7 +166,7 @@ def choose_k(cfg: ExperimentConfig, regions: pa.Table) -> tuple[ExperimentConfig
         log.warning("K = %d: the ORACLE number of ground-truth types (train.num_novel=gt); not a label-free result", k)
         info.update(k=k, source="oracle", criterion="oracle: ground-truth type count")
     elif requested == K_AUTO:
-        est = estimate_novel_k(cfg, regions)
+        est = estimate_novel_k(cfg, regions, infer)
         log.info("K = %d estimated by %s over %d..%d: %s", est.k, est.criterion, min(est.scores), max(est.scores),
                  {k: round(v, 3) for k, v in est.scores.items()})
         info.update(k=est.k, source="estimated", k_estimated=est.k, criterion=est.criterion, scores=est.scores)
@@ -266,7 +276,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     for g, (name, part) in enumerate(groups):
         label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
         done = stage(4, "train" + label)
-        part_cfg, k_info = choose_k(cfg, part)
+        part_cfg, k_info = choose_k(cfg, part, stages.infer)
         if len(groups) > 1:
             part_cfg = apply_overrides(part_cfg, [f"data.categories={name}",
                                                   f"output={io.join(out, 'models', io.safe_name(name))}"])

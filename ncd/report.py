@@ -11,7 +11,8 @@ Prediction tables consumed (extra columns are ignored):
 - region predictions: ``region_id`` (str), ``category``, ``cluster``, ``probability``;
   optional ``image_id``, ``gt_type``, ``top3``, ``top3_prob``, ``area``.
 - regions: the region table (``ncd.preprocess.REGION_SCHEMA``); ``region_id``,
-  ``crop_png`` and ``mask_png`` are read for the galleries, matched by ``region_id``.
+  ``crop_png`` and ``mask_png`` are read for the galleries, matched by ``region_id`` (from
+  the table's source for a light table without crops, ``ncd.region_refs``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ncd.plots import (
     plot_k_scores,
 )
 from ncd.preprocess import decode_region
+from ncd.region_refs import full_rows, is_light
 
 log = logging.getLogger(__name__)
 
@@ -301,14 +303,14 @@ def _image(alt: str, rel: str) -> str:
 
 def _galleries(cat: str, data: LevelData, summary: list[dict[str, Any]], regions: pa.Table,
                index: Mapping[str, int], plot_dir: str, max_items: int, thumb: int,
-               files: dict[str, bytes]) -> list[str]:
+               files: dict[str, bytes], s3: S3Config | None = None) -> list[str]:
     md = []
     for row in summary:
         k = row["cluster"]
         members = np.flatnonzero(data.cluster == k)
         probs = np.nan_to_num(data.probability[members], nan=-1.0)
         top = members[np.argsort(-probs, kind="stable")[:max_items]]
-        picked = regions.take(pa.array([index[data.ids[i]] for i in top], pa.int64()))
+        picked = full_rows(regions.take(pa.array([index[data.ids[i]] for i in top], pa.int64())), s3)
         decoded = [decode_region(r) for r in picked.select(["region_id", "crop_png", "mask_png"]).to_pylist()]
         captions = [data.truth[i] or NA for i in top] if data.truth is not None else None
         matched = row.get("matched")
@@ -343,7 +345,7 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
     """
     _check_columns(image_predictions, IMAGE_REQUIRED, "image predictions")
     _check_columns(region_predictions, REGION_REQUIRED, "region predictions")
-    _check_columns(regions, ("region_id", "crop_png", "mask_png"), "regions")
+    _check_columns(regions, ("region_id",) if is_light(regions) else ("region_id", "crop_png", "mask_png"), "regions")
     if features is not None:
         features = np.asarray(features)
         if features.ndim != 2 or features.shape[0] != region_predictions.num_rows:
@@ -426,7 +428,7 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
             md += [f"{h} Cluster galleries", "",
                    f"The {gallery_items} most confident regions of each cluster; captions give the true "
                    f"type when known and the probability.", ""]
-            md += _galleries(cat, reg, reg_summary, regions, index, plot_dir, gallery_items, thumb, files)
+            md += _galleries(cat, reg, reg_summary, regions, index, plot_dir, gallery_items, thumb, files, s3)
 
     for rel, data in files.items():
         io.write_bytes(io.join(out_uri, rel), data, s3)

@@ -15,7 +15,7 @@ from ncd.config import ExperimentConfig
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint
 from ncd.pipeline import LOCAL_STAGES, Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
-from ncd.region_table import read_regions
+from ncd.region_refs import light_regions
 from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
@@ -29,10 +29,11 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
     """Stages that run on the connected Ray cluster."""
 
     def preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
-        return read_regions(run_preprocess(cfg, manifest), cfg.s3)
+        return light_regions(run_preprocess(cfg, manifest), cfg.s3)  # the crops stay in storage
 
     def train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:
-        # the workers train on exactly these tables (a category's part, an open-set split)
+        # the workers train on exactly these tables (a category's part, an open-set split), reading
+        # the crops of light tables from storage
         result = run_train(cfg, regions, num_workers, use_gpu, cpus_per_worker=cpus_per_worker, base=base)
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}")
@@ -41,7 +42,7 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
         return model_from_state(state)
 
     def infer(trained: TrainedModel, regions: pa.Table):
-        return run_inference(trained, regions, num_actors=max(1, num_workers), use_gpu=use_gpu)
+        return run_inference(trained, regions, num_actors=max(1, num_workers), use_gpu=use_gpu, s3=trained.cfg.s3)
 
     def detect(cfg: ExperimentConfig) -> pa.Table:
         return run_detect(cfg, num_actors=max(1, num_workers), use_gpu=use_gpu)

@@ -28,6 +28,7 @@ from ncd.engine import view_spec
 from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
+from ncd.region_refs import is_light, source_of, table_parts
 from ncd.region_table import ORDER_COLUMNS, canonical_order, table_files
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,25 @@ def _parquet_dataset(uri: str, columns: list[str], s3: S3Config | None) -> tuple
     return dataset, fs, paths
 
 
-def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None) -> "ray.data.Dataset":
-    """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory)."""
-    _, fs, paths = _parquet_dataset(uri, columns, s3)
+def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None,
+                        categories: list[str] | None = None) -> "ray.data.Dataset":
+    """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory);
+    given ``categories``, only their folders are read when the table has one per category."""
+    _parquet_dataset(uri, columns, s3)  # checks the columns
+    fs, paths = table_parts(uri, s3, categories or ())
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)  # pushed down into the read
+
+
+def _select_rows(batch: pa.Table, region_ids: pa.Array) -> pa.Table:
+    """The rows of ``batch`` whose region is in ``region_ids``, with their position there as ``ROW``."""
+    position = pc.index_in(batch.column("region_id"), value_set=region_ids)
+    keep = pc.is_valid(position)
+    return batch.filter(keep).append_column(ROW, position.filter(keep).cast(pa.int64()))
+
+
+def ray_inference(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
+    """``run_inference`` with its defaults and the model's S3 settings (a ``Stages.infer``)."""
+    return run_inference(trained, regions, s3=trained.cfg.s3)
 
 
 def region_metadata(uri: str, s3: S3Config | None = None) -> pa.Table:
@@ -100,7 +116,8 @@ def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: in
                   cpus_per_actor: float | None = None) -> RegionOutputs:
     """Features and per-head logits of every region, computed by ``num_actors`` actors.
 
-    ``regions`` is an in-memory table (outputs in its row order) or the URI of a region
+    ``regions`` is an in-memory table (outputs in its row order; a light table,
+    ``ncd.region_refs``, has its crops read from its source by the workers) or the URI of a region
     table, local or ``s3://`` (read by the workers, only the columns the model needs;
     outputs in the canonical order ``image_id, region_index``, as ``read_regions``).
     Only the features and logits come back to the driver.
@@ -109,6 +126,15 @@ def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: in
     if isinstance(regions, str):
         carry = ORDER_COLUMNS
         ds = read_region_columns(regions, [*columns, *carry], s3)
+    elif is_light(regions):  # the crops stream from the table's source to the actors, never through here
+        if regions.num_rows == 0:
+            return RegionOutputs(np.zeros((0, trained.model.feature_dim), np.float32), [])
+        categories = sorted(set(regions.column("category").to_pylist()))
+        warn_unseen_categories(trained, categories)
+        carry = (ROW,)
+        ds = read_region_columns(source_of(regions), columns, s3, categories).map_batches(
+            _select_rows, fn_kwargs={"region_ids": regions.column("region_id").combine_chunks()},
+            batch_format="pyarrow", batch_size=None)
     else:
         if regions.num_rows == 0:
             return RegionOutputs(np.zeros((0, trained.model.feature_dim), np.float32), [])

@@ -29,8 +29,10 @@ from ncd import io
 from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, public_dict
 from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
 from ncd.pipeline import choose_k
+from ncd.region_refs import is_light, light_regions, read_rows, source_of
 from ncd.region_table import read_regions
 from ncd.validation import validate
+from ray_jobs.infer import ray_inference
 from ray_jobs.session import run_storage
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,37 @@ def stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
     return novel
 
 
+def light_stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
+    """``stored_regions`` without the crops (``ncd.region_refs.light_regions``)."""
+    novel = light_regions(regions_uri, cfg.s3)
+    if cfg.data.categories:
+        novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
+    return novel
+
+
+def hand_over(table: pa.Table) -> Any:
+    """What goes to the workers for a table: the table itself (an object ref), or for a
+    light table (``ncd.region_refs``) its source URI and region ids, so that its crops go
+    from storage to the workers and never through the driver."""
+    if is_light(table):
+        return {"uri": source_of(table), "region_ids": ray.put(table.column("region_id").combine_chunks())}
+    return ray.put(table)
+
+
+def take_over(handed: Any, cfg: ExperimentConfig) -> pa.Table:
+    """The table ``hand_over`` sent, on a worker."""
+    if isinstance(handed, dict):
+        return read_rows(handed["uri"], ray.get(handed["region_ids"]), cfg.s3)
+    return ray.get(handed)
+
+
 def worker_tables(config: dict[str, Any], cfg: ExperimentConfig) -> tuple[pa.Table, pa.Table | None]:
     """The novel and base tables a worker trains on: exactly the tables the driver handed
-    over (object refs), or, given a URI, the stored table (``data.categories`` filters it)
+    over (``hand_over``), or, given a URI, the stored table (``data.categories`` filters it)
     and ``train.base_table``."""
-    if isinstance(config["regions"], ray.ObjectRef):
-        return ray.get(config["regions"]), (ray.get(config["base"]) if config.get("base") is not None else None)
+    if not isinstance(config["regions"], str):
+        return (take_over(config["regions"], cfg),
+                take_over(config["base"], cfg) if config.get("base") is not None else None)
     novel = stored_regions(cfg, config["regions"])
     return novel, (read_regions(cfg.train.base_table, cfg.s3) if cfg.train.base_table else None)
 
@@ -100,11 +127,12 @@ def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: i
     they are; as a URI, each worker reads it (``base`` then comes from ``train.base_table``)."""
     cfg = absolute_paths(validate(cfg))
     if not isinstance(cfg.train.num_novel, int):  # auto / gt: resolved once here, so every worker has the same K
-        cfg, _ = choose_k(cfg, regions if isinstance(regions, pa.Table) else stored_regions(cfg, io.absolute(regions)))
+        table = regions if isinstance(regions, pa.Table) else light_stored_regions(cfg, io.absolute(regions))
+        cfg, _ = choose_k(cfg, table, infer=ray_inference)
     loop_config: dict[str, Any] = {"cfg": public_dict(cfg),  # no secrets: workers read credentials from their env
-                                   "regions": ray.put(regions) if isinstance(regions, pa.Table) else io.absolute(regions)}
+                                   "regions": hand_over(regions) if isinstance(regions, pa.Table) else io.absolute(regions)}
     if isinstance(regions, pa.Table):
-        loop_config["base"] = None if base is None else ray.put(base)
+        loop_config["base"] = None if base is None else hand_over(base)
     storage = io.absolute(storage_path or io.join(cfg.output, "ray_train"))
     # s3://: ncd's filesystem (endpoint; credentials from the environment) and, as Ray requires
     # with a custom ``storage_filesystem``, the path inside it ("bucket/prefix", no scheme).
