@@ -147,6 +147,7 @@ def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | No
                                                                                           cfg.infer.k_max)
     return estimate_k(feats, *k_range, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
+
 def choose_k(cfg: ExperimentConfig, regions: pa.Table,
              infer: Infer | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
     """Resolve ``train.num_novel`` for training on ``regions``: a given number, ``auto``
