@@ -145,10 +145,11 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
         raise ValueError(f"block {max(blocks)} out of range: the backbone has {len(backbone.blocks)} blocks")
     data = regions if isinstance(regions, RegionSet) else eval_set(regions)
     loader = DataLoader(RegionViews(data, _spec(backbone, size, crop_pct), view), batch_size=batch_size)
-    backbone = backbone.eval().to(device)
+    layout = torch.contiguous_format if vit else torch.channels_last  # 3-5x faster depthwise convs on CPU
+    backbone = backbone.eval().to(device, memory_format=layout)
     parts: dict[str, list[torch.Tensor]] = {}
     for images, masks in loader:
-        images, masks = images.to(device), masks.to(device)
+        images, masks = images.to(device, memory_format=layout), masks.to(device)
         feats = _vit_batch(backbone, images, masks, blocks) if vit else _cnn_batch(backbone, images, masks)
         for k, v in feats.items():
             parts.setdefault(k, []).append(v.float().cpu())
