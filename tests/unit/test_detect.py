@@ -14,7 +14,7 @@ import torch
 from ncd import io
 from ncd.catalog import build_manifest, catalog_images
 from ncd.config import DataConfig, DetectConfig, load_config
-from ncd.detect import CategoryJob, Features, detect_category, detect_local, plan_detection, write_detector_maps
+from ncd.detect import Features, detect_category, detect_local, plan_detection, write_detector_maps
 from ncd.detect.run import reference_sample, stratified_subsets
 from ncd.detect.scoring import _faiss_rows, _exact_rows, bank_scores, mutual_scores, rescore, smallest_count
 from ncd.io import DataError
