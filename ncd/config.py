@@ -138,6 +138,8 @@ class TrainConfig:
     base_table: str = ""  # labelled base region table; "" trains without labelled terms
     kmeans_init: bool | str = "auto"  # FAISS k-means prototype init; auto: on in protoanomalyncd mode, off in anomalyncd (parity)
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2  # only the newest N checkpoints are kept
+    on_stale_checkpoint: str = "restart"  # restart | error, for a checkpoint of other data or settings (ncd/checkpoint.py)
     amp: bool = True  # bf16 autocast on CUDA only
 
 

@@ -5,7 +5,6 @@ it in a Ray Train context for DDP over workers. Everything else is identical.
 """
 from __future__ import annotations
 
-import io as _io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ncd import dist, io
+from ncd import checkpoint as ckpt
+from ncd import dist
 from ncd.augment import ViewSpec
 from ncd.batch_augment import augment_batch
-from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, public_dict
+from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
 from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
@@ -29,7 +29,6 @@ from ncd.schedules import cosine_lr
 from ncd.validation import validate
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class RunContext(Protocol):
@@ -43,32 +42,23 @@ class RunContext(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None: ...
 
-    def latest_checkpoint(self) -> dict[str, Any] | None: ...
+    def latest_checkpoint(self) -> ckpt.Found | None:
+        """The newest readable checkpoint of this run (``ncd.checkpoint.newest_readable``)."""
 
-
-def save_checkpoint(state: dict[str, Any], uri: str, s3: S3Config | None = None) -> None:
-    buf = _io.BytesIO()
-    torch.save(state, buf)
-    io.write_bytes(uri, buf.getvalue(), s3)
-
-
-def load_checkpoint(uri: str, s3: S3Config | None = None) -> dict[str, Any]:
-    return torch.load(_io.BytesIO(io.read_bytes(uri, s3)), map_location="cpu", weights_only=False)
-
-
-def epoch_dir(root: str, epoch: int) -> str:
-    return io.join(root, f"epoch_{epoch:04d}")
+    def set_aside(self, found: ckpt.Found) -> None:
+        """Get the run's checkpoints out of the way of a fresh run (``found`` is stale)."""
 
 
 class LocalContext:
-    """One process; checkpoints in ``<checkpoint_root>/epoch_NNNN/checkpoint.pt`` (local or s3://)."""
+    """One process; checkpoints in ``<checkpoint_root>/epoch_NNNN/checkpoint.pt`` (local or s3://),
+    the newest ``keep`` kept."""
 
     rank = 0
     world_size = 1
 
     def __init__(self, checkpoint_root: str | None = None, device: str | torch.device | None = None,
-                 s3: S3Config | None = None) -> None:
-        self.root, self.s3 = checkpoint_root, s3
+                 s3: S3Config | None = None, keep: int = 2) -> None:
+        self.folder = ckpt.CheckpointFolder(checkpoint_root, s3, keep) if checkpoint_root else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.history: list[dict[str, Any]] = []
 
@@ -79,33 +69,15 @@ class LocalContext:
         self.history.append(metrics)
         log.info("epoch %d: %s", metrics["epoch"], {k: round(v, 4) for k, v in metrics.items()
                                                     if isinstance(v, float)})
-        if checkpoint is not None and self.root:
-            save_checkpoint(checkpoint, io.join(epoch_dir(self.root, metrics["epoch"]), CHECKPOINT_FILE), self.s3)
+        if checkpoint is not None and self.folder:
+            self.folder.save(checkpoint, metrics["epoch"])
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        if not self.root or not io.exists(self.root, self.s3):
-            return None
-        files = [f for f in io.list_files(self.root, self.s3) if f.endswith("/" + CHECKPOINT_FILE)]
-        return load_checkpoint(io.join(self.root, max(files)), self.s3) if files else None
+    def latest_checkpoint(self) -> ckpt.Found | None:
+        return self.folder.latest() if self.folder else None
 
-
-RESUME_FREE_KEYS = ("train.epochs", "train.loader_workers", "train.checkpoint_every")  # may change on resume
-
-
-def check_resumable(checkpoint: dict[str, Any], cfg: ExperimentConfig, class_map: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint trained with other settings or classes (a re-run in
-    the same output folder with a changed config would otherwise continue the old model)."""
-    saved, now = flat_dict(checkpoint.get("config", {})), flat_dict(public_dict(cfg))
-    sections = ("method", "model.", "loss.", "proto.", "train.")
-    differ = sorted(k for k in set(saved) | set(now) if k.startswith(sections) and k not in RESUME_FREE_KEYS
-                    and saved.get(k) != now.get(k))
-    old_map = {k: checkpoint.get("class_map", {}).get(k) for k in ("base_classes", "num_novel", "categories")}
-    if old_map != {k: class_map[k] for k in old_map}:
-        differ.append("classes (base classes, K or categories)")
-    if differ:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" if k in saved or k in now else k for k in differ)
-        raise ConfigError(f"the checkpoint in {cfg.output} was trained with other settings: {shown}; "
-                          "use another output folder, or remove its checkpoints to start again")
+    def set_aside(self, found: ckpt.Found) -> None:
+        if self.folder:
+            log.warning("checkpoints of the earlier run moved to %s", self.folder.set_aside())
 
 
 @dataclass
@@ -207,9 +179,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     model = build_model(cfg, len(classes), k)
     objective = make_objective(cfg, len(classes))
     temps = objective.teacher_temps
-    resume = ctx.latest_checkpoint()
-    if resume is not None:
-        check_resumable(resume, cfg, class_map)
+    fingerprint = ckpt.fingerprint(cfg, novel, base, class_map)
+    resume = ckpt.resume(ctx, fingerprint, tc.on_stale_checkpoint)
     if resume is None and kmeans_init(cfg):
         init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
     model = model.to(ctx.device)
@@ -281,7 +252,7 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
         if ctx.rank == 0 and (last or (tc.checkpoint_every > 0 and (epoch + 1) % tc.checkpoint_every == 0)):
             checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "config": public_dict(cfg), "class_map": class_map, "head_losses": head_losses,
-                          "history": history}
+                          "history": history, "fingerprint": fingerprint}
         ctx.report(metrics, checkpoint)
 
     if resume is not None and start_epoch >= tc.epochs:

@@ -358,6 +358,24 @@ def delete_dir(uri: str, s3: S3Config | None = None) -> None:
         raise _wrap_errors(uri, err, s3) from None
 
 
+def move_dir(src: str, dest: str, s3: S3Config | None = None) -> None:
+    """Move the directory ``src`` to ``dest`` (which must not exist): a rename locally,
+    copy then delete per object on S3."""
+    fs, source = filesystem(src, s3)
+    _, target = filesystem(dest, s3)
+    try:
+        if not is_s3(src):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+            return
+        for info in fs.get_file_info(pafs.FileSelector(source, recursive=True)):
+            if info.type == pafs.FileType.File:
+                fs.copy_file(info.path, target + info.path[len(source):])
+        fs.delete_dir(source)
+    except (OSError, pa.ArrowException) as err:
+        raise _wrap_errors(src, err) from None
+
+
 def replace_dir(staging: str, dest: str, s3: S3Config | None = None) -> None:
     """Move a fully written ``staging`` directory to ``dest``, replacing what was there.
 

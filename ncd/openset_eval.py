@@ -1,6 +1,7 @@
 """Held-out-type protocol for open-set rejection (ProtoAnomalyNCD extension, PROTO.md).
 
-For one defect type: train without any of its regions (K = the seen types), infer on
+For one defect type: train without any of its regions (K = the seen types, in its own
+folder ``<output>/openset/<type>``, so no split resumes another's model), infer on
 every image, and measure how well the rejection score separates the held-out type's
 images from the seen types' images (AUROC; 1.0 = every held-out image scores lower).
 Two rejection scores of an image are measured: ``posterior``, its merged best novel
@@ -17,10 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ncd import io
 from ncd.config import ExperimentConfig, apply_overrides
 from ncd.merge import merge_regions
 from ncd.predict import image_predictions, region_probabilities
 from ncd.proto.openset import auroc
+from ncd.region_table import category_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
     if seen.num_rows == regions.num_rows:
         raise ValueError(f"held-out type {held_out!r} has no regions")
     k_seen = len(set(seen.column("gt_type").to_pylist()))
-    trained = stages.train(apply_overrides(cfg, [f"train.num_novel={k_seen}"]), seen, base)
+    split_cfg = apply_overrides(cfg, [f"train.num_novel={k_seen}",
+                                      f"output={io.join(cfg.output, 'openset', category_dir(held_out))}"])
+    trained = stages.train(split_cfg, seen, base)
     outputs = stages.infer(trained, regions)
     probs = region_probabilities(trained, outputs.logits)
     images, merged = image_predictions(regions, probs, cfg.infer.area_temperature)

@@ -67,7 +67,8 @@ def local_preprocess(cfg: ExperimentConfig, manifest: pa.Table) -> pa.Table:
 
 
 def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None) -> TrainedModel:
-    result = train(cfg, regions, base, LocalContext(io.join(cfg.output, "checkpoints"), s3=cfg.s3))
+    ctx = LocalContext(io.join(cfg.output, "checkpoints"), s3=cfg.s3, keep=cfg.train.keep_checkpoints)
+    result = train(cfg, regions, base, ctx)
     return TrainedModel(result.model.eval(), cfg, result.class_map, result.selected_head)
 
 

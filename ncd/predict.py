@@ -7,7 +7,6 @@ probability is below ``infer.unknown_threshold`` (0 disables it).
 """
 from __future__ import annotations
 
-import io as _io
 import logging
 import warnings
 from dataclasses import dataclass, replace
@@ -17,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ncd import io
-from ncd.config import ExperimentConfig, S3Config, from_dict, public_dict
+from ncd import checkpoint
+from ncd.config import ConfigError, ExperimentConfig, S3Config, from_dict, public_dict
 from ncd.merge import merge_regions, novel_probs
 from ncd.method import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
@@ -128,10 +127,8 @@ def model_state(trained: TrainedModel) -> dict[str, Any]:
 
 
 def save_model(trained: TrainedModel, uri: str, s3: S3Config | None = None) -> None:
-    """A self-contained model file for inductive inference (``ncd predict``)."""
-    buf = _io.BytesIO()
-    torch.save(model_state(trained), buf)
-    io.write_bytes(uri, buf.getvalue(), s3)
+    """A self-contained model file for inductive inference (``ncd predict``), written atomically."""
+    checkpoint.save(model_state(trained), uri, s3)
 
 
 def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> TrainedModel:
@@ -158,5 +155,14 @@ def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") 
 
 
 def load_model(uri: str, s3: S3Config | None = None, device: torch.device | str = "cpu") -> TrainedModel:
-    state = torch.load(_io.BytesIO(io.read_bytes(uri, s3)), map_location="cpu", weights_only=False)
-    return model_from_state(state, device)
+    """The model in a model file or training checkpoint (local or ``s3://``), loaded weights-only;
+    a ModelFileError naming the file when it cannot be."""
+    state = checkpoint.load(uri, s3, what="model file")
+    try:
+        return model_from_state(state, device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
+        if isinstance(err, ConfigError):
+            what = f"its config is not valid here: {what}"
+        raise checkpoint.ModelFileError(f"cannot load model file {uri}: not an ncd model ({what}); re-create it with "
+                                        "ncd (discover or train)") from None

@@ -10,6 +10,7 @@ import math
 from typing import Any, Callable
 
 from ncd.catalog import LAYOUTS
+from ncd.checkpoint import STALE_POLICIES
 from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, flat_dict, to_dict
 from ncd.crops import MERGE_MODES
 from ncd.data import AUGMENT_ON
@@ -94,6 +95,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.num_novel": _k,
     "train.kmeans_init": _switch,
     "train.checkpoint_every": _at_least(0),
+    "train.keep_checkpoints": _at_least(1),
+    "train.on_stale_checkpoint": _one_of(STALE_POLICIES),
     "infer.area_temperature": _positive,
     "infer.unknown_threshold": _unit,
     "infer.batch_size": _at_least(1),

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import pyarrow as pa
 
 from ncd.config import ExperimentConfig
-from ncd.engine import CHECKPOINT_FILE, load_checkpoint
 from ncd.pipeline import LOCAL_STAGES, Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
 from ncd.region_refs import light_regions
@@ -20,7 +18,7 @@ from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
 from ray_jobs.session import setup_logging, start_ray
-from ray_jobs.train import run_train
+from ray_jobs.train import result_state, run_train
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +35,7 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
         result = run_train(cfg, regions, num_workers, use_gpu, cpus_per_worker=cpus_per_worker, base=base)
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}")
-        with result.checkpoint.as_directory() as d:
-            state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
-        return model_from_state(state)
+        return model_from_state(result_state(result, cfg.s3))
 
     def infer(trained: TrainedModel, regions: pa.Table):
         return run_inference(trained, regions, num_actors=max(1, num_workers), use_gpu=use_gpu, s3=trained.cfg.s3)

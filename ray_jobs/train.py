@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,12 +22,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
+from ncd import checkpoint as ckpt
 from ncd import io
-from ncd.config import ExperimentConfig, absolute_paths, from_dict, load_config, public_dict
-from ncd.engine import CHECKPOINT_FILE, load_checkpoint, save_checkpoint, train
+from ncd.config import ConfigError, ExperimentConfig, S3Config, absolute_paths, from_dict, load_config, public_dict
+from ncd.engine import train
+from ncd.io import DataError
 from ncd.pipeline import choose_k
 from ncd.region_refs import is_light, light_regions, read_rows, source_of
 from ncd.region_table import read_regions
@@ -38,15 +40,50 @@ from ray_jobs.session import run_storage
 log = logging.getLogger(__name__)
 
 
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """Where a Ray checkpoint folder lies, as an ncd URI (``s3://`` or a local path)."""
+    return f"s3://{checkpoint.path}" if checkpoint.filesystem.type_name == "s3" else checkpoint.path
+
+
+def report_checkpoint(report: Callable[..., None], checkpoint_cls: type, metrics: dict[str, Any],
+                      state: dict[str, Any] | None) -> None:
+    """``report`` (Ray Train's or Tune's) the metrics and, when given, a checkpoint folder holding ``state``."""
+    if state is None:
+        report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save(state, os.path.join(tmp, ckpt.CHECKPOINT_FILE))
+        report(metrics, checkpoint=checkpoint_cls.from_directory(tmp))
+
+
+def newest_checkpoint(checkpoint: Checkpoint | None, s3: S3Config | None) -> ckpt.Found | None:
+    """The newest readable of Ray's latest checkpoint and the older ones beside it in the run folder."""
+    if checkpoint is None:
+        return None
+    uri = checkpoint_uri(checkpoint)
+    run, name = uri.rstrip("/").rsplit("/", 1)
+    older = sorted({f.split("/", 1)[0] for f in io.list_files(run, s3) if f.count("/") == 1
+                    and f.endswith("/" + ckpt.CHECKPOINT_FILE) and f.startswith("checkpoint_") and f < name},
+                   reverse=True)
+    return ckpt.newest_readable([io.join(d, ckpt.CHECKPOINT_FILE) for d in [uri] + [io.join(run, o) for o in older]],
+                                s3)
+
+
+def result_state(result: ray.train.Result, s3: S3Config | None = None) -> dict[str, Any]:
+    """The state dict of a finished run's checkpoint."""
+    return ckpt.load(io.join(checkpoint_uri(result.checkpoint), ckpt.CHECKPOINT_FILE), s3)
+
+
 class RayTrainContext:
     """``ncd.engine.RunContext`` on a Ray Train worker; every report carries ``novel_regions``,
-    the number of unlabelled regions this worker trains on."""
+    the number of unlabelled regions this worker trains on. Ray keeps the newest
+    ``train.keep_checkpoints``."""
 
-    def __init__(self, novel_regions: int) -> None:
+    def __init__(self, novel_regions: int, s3: S3Config | None = None) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.novel_regions = novel_regions
+        self.novel_regions, self.s3 = novel_regions, s3
         self.history: list[dict[str, Any]] = []
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -55,19 +92,13 @@ class RayTrainContext:
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None:
         metrics = {**metrics, "novel_regions": self.novel_regions}
         self.history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            if checkpoint is None:
-                ray.train.report(metrics)
-                return
-            save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        report_checkpoint(ray.train.report, Checkpoint, metrics, checkpoint)
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        with ckpt.as_directory() as d:
-            return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+    def latest_checkpoint(self) -> ckpt.Found | None:
+        return newest_checkpoint(ray.train.get_checkpoint(), self.s3)
+
+    def set_aside(self, found: ckpt.Found) -> None:
+        """Nothing to move: the fresh run's checkpoints replace the old ones (``train.keep_checkpoints``)."""
 
 
 def stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
@@ -117,7 +148,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Per-worker function: the region tables, then the shared loop."""
     cfg = from_dict(ExperimentConfig, config["cfg"])
     novel, base = worker_tables(config, cfg)
-    train(cfg, novel, base, RayTrainContext(novel.num_rows))
+    train(cfg, novel, base, RayTrainContext(novel.num_rows, cfg.s3))
 
 
 def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int, use_gpu: bool,
@@ -143,15 +174,26 @@ def build_trainer(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: i
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name or cfg.name, storage_path=fs_path, storage_filesystem=filesystem,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
 
 
 def run_train(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int = 1, use_gpu: bool = False,
               **kwargs: Any):
-    """Fit on the current Ray cluster; returns the ``ray.train.Result`` (see ``build_trainer``)."""
-    return build_trainer(cfg, regions, num_workers, use_gpu, **kwargs).fit()
+    """Fit on the current Ray cluster; returns the ``ray.train.Result`` (see ``build_trainer``).
+    A worker's config or data error (a stale checkpoint refused, say) is raised as itself, one
+    line, not as Ray's report."""
+    try:
+        return build_trainer(cfg, regions, num_workers, use_gpu, **kwargs).fit()
+    except WorkerGroupError as err:
+        for failure in err.worker_failures.values():
+            cause: BaseException | None = failure
+            while cause is not None:
+                if isinstance(cause, (ConfigError, DataError)):
+                    raise type(cause)(str(cause)) from None
+                cause = cause.__cause__ or getattr(cause, "cause", None)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -32,11 +30,12 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from ncd import checkpoint as ckpt
 from ncd import io
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
                         public_dict)
 from ncd.data import base_classes
-from ncd.engine import CHECKPOINT_FILE, save_checkpoint, train
+from ncd.engine import train
 from ncd.metrics import cluster_metrics
 from ncd.model.heads import select_head
 from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
@@ -45,6 +44,7 @@ from ncd.region_table import REGIONS_DIR, read_regions
 from ncd.selection import cluster_score, score_sample
 from ncd.validation import validate
 from ray_jobs.session import run_storage
+from ray_jobs.train import newest_checkpoint, report_checkpoint
 
 log = logging.getLogger(__name__)
 SEARCH_KEYS = {  # TuneConfig field -> experiment key
@@ -90,15 +90,14 @@ class TuneContext:
             self.k_score = cluster_score(trained, self.score_regions)
         out["k_score"] = self.k_score
         out.update({name: math.nan for name in GT_METRICS})  # known only after training
-        if checkpoint is None:
-            tune.report(out)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(checkpoint, os.path.join(tmp, CHECKPOINT_FILE))
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(tmp))
+        report_checkpoint(tune.report, tune.Checkpoint, out, checkpoint)
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        return None
+    def latest_checkpoint(self) -> ckpt.Found | None:
+        """A restored trial's newest readable checkpoint."""
+        return newest_checkpoint(tune.get_checkpoint(), self.cfg.s3)
+
+    def set_aside(self, found: ckpt.Found) -> None:
+        """Nothing to move: Tune keeps the newest ``train.keep_checkpoints`` of the trial."""
 
 
 def gt_scores(trained: TrainedModel, regions: pa.Table) -> dict[str, float]:
@@ -191,6 +190,7 @@ def _search(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None, sto
         param_space={"base": public_dict(cfg), "params": params},
         tune_config=tune.TuneConfig(metric=metric, mode=MODES[metric], scheduler=scheduler, num_samples=1),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                                   storage_filesystem=run_storage(storage, cfg.s3)[0]),
     )
     results = tuner.fit()

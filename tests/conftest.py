@@ -260,3 +260,28 @@ class SecretScan:
 def secret_scan() -> SecretScan:
     """``secret_scan.secret`` to put in a config, ``secret_scan.hits(blobs)`` to find it."""
     return SecretScan()
+
+
+class _Planted:
+    """Unpickling this creates the file ``path``: what a crafted model file could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def malicious_model_bytes():
+    """``make(sentinel) -> bytes``: a torch file shaped like an ncd model whose unpickling creates ``sentinel``."""
+    import io as _io
+
+    import torch
+
+    def make(sentinel) -> bytes:
+        buf = _io.BytesIO()
+        torch.save({"model": _Planted(str(sentinel)), "config": {}, "class_map": {}, "head": 0}, buf)
+        return buf.getvalue()
+
+    return make

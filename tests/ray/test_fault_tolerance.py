@@ -21,7 +21,7 @@ import pytest
 
 from ncd.catalog import build_manifest
 from ncd.config import ExperimentConfig, apply_overrides, load_config
-from ncd.engine import CHECKPOINT_FILE, load_checkpoint
+from ncd.checkpoint import CHECKPOINT_FILE, load
 from ncd.preprocess import preprocess_manifest
 from ncd.region_table import read_completion, read_regions, update_regions, write_regions
 
@@ -84,7 +84,7 @@ def _registered_checkpoints(run_dir: Path) -> dict[str, int]:
     for d in run_dir.glob("checkpoint_*"):
         if d.is_dir() and d.name in text:
             try:
-                out[d.name] = int(load_checkpoint(str(d / CHECKPOINT_FILE))["epoch"])
+                out[d.name] = int(load(str(d / CHECKPOINT_FILE))["epoch"])
             except Exception:  # noqa: BLE001 - deleted (num_to_keep) or replaced while read: next poll
                 continue
     return out
@@ -128,7 +128,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(demo_root, ray_local, tmp_
             if len(workers) == 2:
                 latest = max(seen, key=seen.get)
                 killed.update(pid=min(workers), workers=workers, epoch=seen[latest], seen=len(seen),
-                              state=load_checkpoint(str(run_dir / latest / CHECKPOINT_FILE)))
+                              state=load(str(run_dir / latest / CHECKPOINT_FILE)))
                 os.kill(killed["pid"], signal.SIGKILL)
         elif killed and "restarted" not in killed:
             fresh = _train_worker_pids() - killed["workers"]
@@ -152,7 +152,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(demo_root, ray_local, tmp_
     epochs = [seen[d] for d in sorted(seen)]
     assert epochs == list(range(EPOCHS)), epochs
     assert epochs[killed["seen"]] == killed["epoch"] + 1
-    final = load_checkpoint(str(Path(result.checkpoint.path) / CHECKPOINT_FILE))
+    final = load(str(Path(result.checkpoint.path) / CHECKPOINT_FILE))
     assert final["epoch"] == EPOCHS - 1
     assert [h["epoch"] for h in final["history"]] == list(range(EPOCHS))
     # the epochs before the kill are the checkpointed ones, carried over, not recomputed

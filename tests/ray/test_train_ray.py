@@ -1,23 +1,15 @@
-import os
-
 import pytest
 
 from ncd.catalog import build_manifest
-from ncd.config import load_config
-from ncd.engine import CHECKPOINT_FILE, load_checkpoint
+from ncd.config import ConfigError, apply_overrides, load_config
 from ncd.preprocess import preprocess_manifest
 from ncd.region_table import write_regions
 
 pytestmark = pytest.mark.ray
 
 
-def _latest(result):
-    with result.checkpoint.as_directory() as d:
-        return load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
-
-
-def test_ray_train_two_workers_checkpoints_and_resumes(demo_root, ray_local, tmp_path):
-    from ray_jobs.train import run_train
+def test_ray_train_two_workers_checkpoints_and_never_continues_a_stale_run(demo_root, ray_local, tmp_path):
+    from ray_jobs.train import result_state, run_train
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
                                                       f"output={tmp_path}", "train.epochs=2",
@@ -27,15 +19,23 @@ def test_ray_train_two_workers_checkpoints_and_resumes(demo_root, ray_local, tmp
     first = run_train(cfg, regions, num_workers=2, cpus_per_worker=0.5, name="resume")
     assert first.error is None
     assert first.metrics["epoch"] == 1 and first.metrics["steps"] > 0
-    saved = _latest(first)
+    saved = result_state(first)
     assert saved["epoch"] == 1 and saved["optimizer"]["state"]
-    assert saved["class_map"]["num_novel"] == 6
+    assert saved["class_map"]["num_novel"] == 6 and saved["fingerprint"]["settings"]["train.epochs"] == 2
 
-    longer = cfg.__class__(**{**cfg.__dict__, "train": cfg.train.__class__(**{**cfg.train.__dict__, "epochs": 3})})
+    longer = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                         f"output={tmp_path}", "train.epochs=3",
+                                                         "train.checkpoint_every=1", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"checkpoint .*/resume/checkpoint_.*train\.epochs \(2 -> 3\)") as err:
+        run_train(apply_overrides(longer, ["train.on_stale_checkpoint=error"]), regions, num_workers=2,
+                  cpus_per_worker=0.5, name="resume", max_failures=0)
+    assert "\n" not in str(err.value)
+
     second = run_train(longer, regions, num_workers=2, cpus_per_worker=0.5, name="resume")
-    final = _latest(second)
-    assert [h["epoch"] for h in final["history"]] == [0, 1, 2], "the resumed run must continue at epoch 2"
-    assert [h["loss"] for h in final["history"][:2]] == [h["loss"] for h in saved["history"]]
+    final = result_state(second)
+    assert [h["epoch"] for h in final["history"]] == [0, 1, 2]
+    # trained afresh on the 3-epoch schedule, not the 2-epoch run continued
+    assert final["history"][1]["lr"] != saved["history"][1]["lr"]
 
 
 def test_ray_train_stage_trains_on_the_table_it_is_handed(demo_root, ray_local, tmp_path):

@@ -229,3 +229,15 @@ def test_realiad_catalog_on_s3_equals_local(tmp_path, s3_server, s3_prefix, s3_c
     remote = catalog_realiad(s3_root, io.join(s3_root, "maps"), s3_config, views=("C2",))
     assert len(remote) == len(local) == 6
     assert _relative(remote, s3_root) == _relative(local, str(root))
+
+
+def test_malicious_model_file_on_s3_is_refused_naming_it(s3_prefix, s3_config, tmp_path, malicious_model_bytes):
+    from ncd.checkpoint import ModelFileError
+    from ncd.predict import load_model
+
+    sentinel = tmp_path / "pwned"
+    uri = f"{s3_prefix}/model.pt"
+    io.write_bytes(uri, malicious_model_bytes(sentinel), s3_config)
+    with pytest.raises(ModelFileError, match=f"cannot load model file {uri}: "):
+        load_model(uri, s3_config)
+    assert not sentinel.exists(), "loading the model file ran its payload"

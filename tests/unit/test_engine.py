@@ -75,7 +75,7 @@ def test_resume_reproduces_uninterrupted_run(tables, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(cfg, novel, base, Crash(str(tmp_path / "b")))
     ctx = LocalContext(str(tmp_path / "b"))
-    saved = ctx.latest_checkpoint()
+    saved = ctx.latest_checkpoint().state
     assert saved["epoch"] == 1 and saved["optimizer"]["state"], "optimiser momentum must be checkpointed"
     resumed = train(cfg, novel, base, ctx)
     assert [h["epoch"] for h in ctx.history] == [2]
@@ -84,19 +84,80 @@ def test_resume_reproduces_uninterrupted_run(tables, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(tables, tmp_path):
+def test_stale_checkpoint_is_refused_on_request_naming_it_and_what_differs(tables, tmp_path):
     from ncd.config import ConfigError
 
     novel, base = tables
     root = str(tmp_path / "ckpt")
     train(_cfg("train.epochs=1", "train.checkpoint_every=1"), novel, base, LocalContext(root))
-    with pytest.raises(ConfigError, match=r"loss\.memax_weight \(4\.0 -> 2\.0\)"):
-        train(_cfg("train.epochs=2", "loss.memax_weight=2"), novel, base, LocalContext(root))
-    with pytest.raises(ConfigError, match="classes"):
-        train(_cfg("train.epochs=2"), novel, None, LocalContext(root))  # no base set: other classes
-    ctx = LocalContext(root)  # more epochs only: resumes
-    resumed = train(_cfg("train.epochs=2", "train.checkpoint_every=1"), novel, base, ctx)
-    assert [h["epoch"] for h in ctx.history] == [1] and len(resumed.history) == 2
+    latest = f"{root}/epoch_0000/checkpoint.pt"
+    with pytest.raises(ConfigError, match=rf"checkpoint {latest} .*loss\.memax_weight \(4\.0 -> 2\.0\)"):
+        train(_cfg("train.epochs=1", "loss.memax_weight=2", "train.on_stale_checkpoint=error"), novel, base,
+              LocalContext(root))
+    with pytest.raises(ConfigError, match=r"base set \(present -> none\); base classes"):
+        train(_cfg("train.epochs=1", "train.on_stale_checkpoint=error"), novel, None, LocalContext(root))
+    with pytest.raises(ConfigError, match=r"train\.epochs \(1 -> 2\)"):  # never silently continues
+        train(_cfg("train.epochs=2", "train.on_stale_checkpoint=error"), novel, base, LocalContext(root))
+    with pytest.raises(ConfigError, match="train.on_stale_checkpoint='ask'; valid: restart, error"):
+        train(_cfg("train.on_stale_checkpoint=ask"), novel, base, LocalContext(root))
+    ctx = LocalContext(root)  # the same settings and data: resumes (nothing left to train)
+    again = train(_cfg("train.epochs=1", "train.on_stale_checkpoint=error"), novel, base, ctx)
+    assert ctx.history == [] and len(again.history) == 1
+
+
+def test_changed_epochs_restart_with_a_warning_and_set_the_old_checkpoints_aside(tables, tmp_path, caplog):
+    novel, base = tables
+    root = tmp_path / "ckpt"
+    first = train(_cfg("train.epochs=1", "train.checkpoint_every=1"), novel, base, LocalContext(str(root)))
+    ctx = LocalContext(str(root))
+    longer = train(_cfg("train.epochs=2", "train.checkpoint_every=1"), novel, base, ctx)
+    assert [h["epoch"] for h in ctx.history] == [0, 1], "the old schedule was continued"
+    assert longer.history[0]["lr"] == first.history[0]["lr"] and longer.history[1]["lr"] > 0
+    assert f"not resuming checkpoint {root}/epoch_0000/checkpoint.pt" in caplog.text
+    assert "train.epochs (1 -> 2)" in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == ["_stale", "epoch_0000", "epoch_0001"]
+    assert (root / "_stale" / "epoch_0000" / "checkpoint.pt").is_file()
+
+
+def _one_region_changed(novel):
+    """The table after one anomaly map changed: the same region ids, one crop's pixels differ."""
+    import pyarrow as pa
+
+    crops = novel.column("crop_png").to_pylist()
+    crops[0] = crops[1]
+    return novel.set_column(novel.column_names.index("crop_png"), "crop_png", pa.array(crops, pa.binary()))
+
+
+@pytest.mark.parametrize("change", ["content", "regions"])
+def test_rerun_after_the_data_changed_does_not_return_the_old_model(tables, tmp_path, change):
+    novel, base = tables
+    root = str(tmp_path / "ckpt")
+    cfg = _cfg("train.epochs=1", "train.checkpoint_every=1", "train.kmeans_init=false")
+    train(cfg, novel, base, LocalContext(root))
+    changed = _one_region_changed(novel) if change == "content" else novel.slice(1)
+    ctx = LocalContext(root)
+    train(cfg, changed, base, ctx)
+    assert [h["epoch"] for h in ctx.history] == [0], "the finished old model was returned"
+    assert ctx.latest_checkpoint().state["fingerprint"]["novel"]["regions"] == changed.num_rows
+
+
+def test_resume_skips_a_truncated_or_planted_latest_checkpoint(tables, tmp_path, caplog, malicious_model_bytes):
+    novel, base = tables
+    root = tmp_path / "ckpt"
+    cfg = _cfg("train.epochs=3", "train.checkpoint_every=1")
+    train(cfg, novel, base, LocalContext(str(root), keep=3))
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_0000", "epoch_0001", "epoch_0002"]
+    last = root / "epoch_0002" / "checkpoint.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # truncated
+    sentinel = tmp_path / "pwned"
+    (root / "epoch_0009").mkdir()
+    (root / "epoch_0009" / "checkpoint.pt").write_bytes(malicious_model_bytes(sentinel))  # planted
+    ctx = LocalContext(str(root), keep=2)
+    resumed = train(cfg, novel, base, ctx)
+    assert not sentinel.exists(), "the planted checkpoint ran its payload"
+    assert [h["epoch"] for h in ctx.history] == [2] and len(resumed.history) == 3
+    assert str(last) in caplog.text and str(root / "epoch_0009" / "checkpoint.pt") in caplog.text
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_0001", "epoch_0002"], "keep 2, none newer than the run"
 
 
 def test_an_epoch_of_skipped_batches_is_an_error_not_a_result(tables, tmp_path):

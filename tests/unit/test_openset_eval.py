@@ -9,9 +9,10 @@ from ncd.preprocess import preprocess_manifest
 
 
 @pytest.fixture(scope="module")
-def plate(demo_root):
+def plate(demo_root, tmp_path_factory):
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
-                                                      "train.epochs=1", "method=protoanomalyncd"])
+                                                      "train.epochs=1", "method=protoanomalyncd",
+                                                      f"output={tmp_path_factory.mktemp('openset')}"])
     return cfg, preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data, proto=cfg.proto)
 
 
@@ -32,9 +33,17 @@ def test_held_out_type_never_reaches_training(plate):
     assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["auroc_similarity"] <= 1.0
 
 
-def test_protocol_averages_over_types(plate):
+def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
     cfg, regions = plate
-    result = open_set_protocol(cfg, regions, LOCAL_STAGES, ["hole", "crack"])
+    outputs = []
+
+    def spy_train(c, r, base):
+        outputs.append(c.output)
+        return LOCAL_STAGES.train(c, r, base)
+
+    result = open_set_protocol(cfg, regions, Stages(LOCAL_STAGES.preprocess, spy_train, LOCAL_STAGES.infer),
+                               ["hole", "crack"])
+    assert outputs == [f"{cfg.output}/openset/hole", f"{cfg.output}/openset/crack"], "splits share a folder"
     assert set(result["per_type"]) == {"hole", "crack"}
     assert result["auroc"] == pytest.approx(sum(result["per_type"].values()) / 2)
     assert result["auroc_similarity"] == pytest.approx(sum(result["per_type_similarity"].values()) / 2)

@@ -71,3 +71,20 @@ def test_inference_on_a_category_the_model_never_saw_warns(demo_root):
         assert warn_unseen_categories(trained, ["plate"]) == []
         seen_all = TrainedModel(trained.model, cfg, {**trained.class_map, "categories": ["fabric", "plate"]}, 0)
         assert warn_unseen_categories(seen_all, regions.column("category").to_pylist()) == []
+
+
+def test_malicious_or_foreign_model_file_is_refused_naming_it(tmp_path, malicious_model_bytes):
+    import pytest
+
+    from ncd.checkpoint import ModelFileError, save
+
+    sentinel = tmp_path / "pwned"
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(malicious_model_bytes(sentinel))
+    with pytest.raises(ModelFileError, match=f"cannot load model file {bad}: .*never unpickles"):
+        load_model(str(bad))
+    assert not sentinel.exists(), "loading the model file ran its payload"
+    save({"weights": torch.zeros(2)}, str(tmp_path / "other.pt"))  # loadable, but not an ncd model
+    with pytest.raises(ModelFileError, match=f"cannot load model file {tmp_path / 'other.pt'}: not an ncd model "
+                                             r"\(missing 'config'\)"):
+        load_model(str(tmp_path / "other.pt"))
