@@ -98,7 +98,7 @@ def test_stale_checkpoint_is_refused_on_request_naming_it_and_what_differs(table
         train(_cfg("train.epochs=1", "train.on_stale_checkpoint=error"), novel, None, LocalContext(root))
     with pytest.raises(ConfigError, match=r"train\.epochs \(1 -> 2\)"):  # never silently continues
         train(_cfg("train.epochs=2", "train.on_stale_checkpoint=error"), novel, base, LocalContext(root))
-    with pytest.raises(ConfigError, match="train.on_stale_checkpoint='ask'; valid: restart, error"):
+    with pytest.raises(ConfigError, match=r"train.on_stale_checkpoint='ask' \(valid: restart, error\)"):
         train(_cfg("train.on_stale_checkpoint=ask"), novel, base, LocalContext(root))
     ctx = LocalContext(root)  # the same settings and data: resumes (nothing left to train)
     again = train(_cfg("train.epochs=1", "train.on_stale_checkpoint=error"), novel, base, ctx)
