@@ -6,7 +6,8 @@ held-out type's images from the seen types' images.
 
 ProtoAnomalyNCD mode, the MTD benchmark's setting (``ncd/configs/mtd_bench.yaml``,
 gt-derived maps, six-class split) with fewer epochs by default; each held-out type is
-one training of K = 5 seen classes, and inference covers every image.
+one training of K = 5 seen classes in its own folder (``<work>/openset/openset/<type>``,
+so no split resumes another's model), and inference covers every image.
 
 Last line: JSON with ``auroc`` (mean over the five held-out defect types) and ``per_type``
 for the posterior score, and ``auroc_similarity`` / ``per_type_similarity`` for the best

@@ -368,9 +368,7 @@ def move_dir(src: str, dest: str, s3: S3Config | None = None) -> None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(source, target)
             return
-        for info in fs.get_file_info(pafs.FileSelector(source, recursive=True)):
-            if info.type == pafs.FileType.File:
-                fs.copy_file(info.path, target + info.path[len(source):])
+        pafs.copy_files(source, target, source_filesystem=fs, destination_filesystem=fs)
         fs.delete_dir(source)
     except (OSError, pa.ArrowException) as err:
         raise _wrap_errors(src, err) from None

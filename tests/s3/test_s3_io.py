@@ -241,3 +241,17 @@ def test_malicious_model_file_on_s3_is_refused_naming_it(s3_prefix, s3_config, t
     with pytest.raises(ModelFileError, match=f"cannot load model file {uri}: "):
         load_model(uri, s3_config)
     assert not sentinel.exists(), "loading the model file ran its payload"
+
+
+def test_checkpoint_folder_on_s3_keeps_the_newest_and_sets_them_aside(s3_prefix, s3_config):
+    from ncd.checkpoint import CheckpointFolder
+
+    root = f"{s3_prefix}/checkpoints"
+    folder = CheckpointFolder(root, s3_config, keep=2)
+    for epoch in range(3):
+        folder.save({"epoch": epoch}, epoch)
+    assert io.list_files(root, s3_config) == ["epoch_0001/checkpoint.pt", "epoch_0002/checkpoint.pt"]
+    assert folder.latest().state["epoch"] == 2
+    folder.set_aside()
+    assert folder.latest() is None
+    assert io.list_files(root, s3_config) == ["_stale/epoch_0001/checkpoint.pt", "_stale/epoch_0002/checkpoint.pt"]

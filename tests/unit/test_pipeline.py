@@ -200,3 +200,36 @@ def test_a_collapsed_model_fails_loudly_after_writing_its_outputs(demo_root, tmp
     assert (tmp_path / "image_predictions.parquet").exists()
     warned = discover(load_config("ncd/configs/demo_smoke.yaml", over + ["infer.on_collapse=warn"]))
     assert warned["collapsed"] == ["plate"]
+
+
+def test_rerun_after_one_map_changed_trains_afresh_not_the_old_model(tmp_path, caplog):
+    """Issue 16.1: the regions are recomputed from the changed map, so the finished model
+    of the earlier run must not be returned (it was trained on other regions)."""
+    import cv2
+
+    from ncd.catalog import build_manifest
+    from ncd.pipeline import local_preprocess, local_train
+    from ncd.synthetic import SyntheticSpec, write_dataset
+
+    root = write_dataset(tmp_path / "data", SyntheticSpec(categories=("plate",), images_per_family=2,
+                                                          normal_images=2, image_size=64, seed=3))
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={root}", f"output={tmp_path / 'out'}",
+                                                      f"preprocess.output={tmp_path / 'pp'}", "train.epochs=1",
+                                                      "train.checkpoint_every=1"])
+    first = local_preprocess(cfg, build_manifest(cfg.data))
+    local_train(cfg, first, None)
+    maps = tmp_path / "data" / "maps" / "plate"
+    changed_map = np.fliplr(cv2.imread(str(maps / "hole" / "hole_000.png"), cv2.IMREAD_UNCHANGED))
+    cv2.imwrite(str(maps / "hole" / "hole_000.png"), np.ascontiguousarray(changed_map))  # a new detector run
+    second = local_preprocess(cfg, build_manifest(cfg.data))
+
+    def boxes(table):
+        return sorted(zip(table.column("region_id").to_pylist(), table.column("box").to_pylist()))
+
+    assert boxes(second) != boxes(first), "the changed map did not change the regions"
+    caplog.clear()
+    local_train(cfg, second, None)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert f"not resuming checkpoint {checkpoints}/epoch_0000/checkpoint.pt" in caplog.text
+    assert "training regions" in caplog.text
+    assert (checkpoints / "_stale" / "epoch_0000" / "checkpoint.pt").is_file()
