@@ -25,6 +25,7 @@ import io as _io
 import logging
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
@@ -97,14 +98,16 @@ def read_state(data: bytes, uri: str, what: str = "model file") -> dict[str, Any
             warnings.simplefilter("ignore")
             state = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the bytes are, the answer is the same
-        text = str(err)
-        if not data or isinstance(err, EOFError) or "zip archive" in text:
-            reason = "it is empty, truncated or not a torch file"
+        text = str(err).strip()
+        if not data:
+            reason = "it is empty"
+        elif data.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(_io.BytesIO(data)):
+            reason = "it is truncated (an incomplete torch file)"
         elif "Weights only load failed" in text:
             reason = ("it is corrupt or holds objects other than weights (dicts, lists, tensors, numbers, strings), "
                       "which ncd never unpickles")
         else:
-            reason = f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
+            reason = f"it is not a readable torch file ({type(err).__name__}: {text.splitlines()[0] if text else ''})"
         raise ModelFileError(f"cannot load {what} {uri}: {reason}; re-create it with ncd (discover or train), "
                              "and load model files only from sources you trust") from None
     if not isinstance(state, dict):

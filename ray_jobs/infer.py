@@ -27,6 +27,7 @@ from ncd.data import eval_set
 from ncd.engine import view_spec
 from ncd.method import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
+from ncd.io import DataError, StorageError
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
 from ncd.region_refs import is_light, source_of, table_parts
 from ncd.region_table import ORDER_COLUMNS, canonical_order, table_files
@@ -184,8 +185,11 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging(args.verbose)
     s3 = S3Config(endpoint_override=args.s3_endpoint) if args.s3_endpoint else None
+    try:  # before starting Ray: a bad model file is one line naming it
+        trained = load_model(args.model, s3)
+    except (DataError, StorageError, FileNotFoundError) as err:
+        raise SystemExit(f"ray_jobs.infer: error: {err}") from None
     start_ray(args.address, s3 or S3Config(), args.verbose)
-    trained = load_model(args.model, s3)
     regions = region_metadata(args.regions, s3)  # crops stay in storage: the actors stream them
     warn_unseen_categories(trained, regions.column("category").to_pylist())
     outputs = run_inference(trained, args.regions, args.num_actors, args.use_gpu, s3=s3)

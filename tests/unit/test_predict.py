@@ -88,3 +88,19 @@ def test_malicious_or_foreign_model_file_is_refused_naming_it(tmp_path, maliciou
     with pytest.raises(ModelFileError, match=f"cannot load model file {tmp_path / 'other.pt'}: not an ncd model "
                                              r"\(missing 'config'\)"):
         load_model(str(tmp_path / "other.pt"))
+
+
+def test_infer_job_with_a_truncated_model_file_exits_with_one_line_naming_it(tmp_path):
+    import pytest
+
+    from ncd.checkpoint import save
+    from ray_jobs.infer import main
+
+    path = tmp_path / "model.pt"
+    save({"model": {"w": torch.zeros(10_000)}}, str(path))
+    path.write_bytes(path.read_bytes()[:5000])  # an interrupted copy
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(path), "--regions", str(tmp_path / "regions"), "--out", str(tmp_path / "out")])
+    message = str(exit_.value.code)
+    assert message.startswith(f"ray_jobs.infer: error: cannot load model file {path}: ") and "truncated" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
