@@ -36,7 +36,7 @@ import torch
 
 from ncd import io
 from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
-from ncd.io import DataError, StorageError
+from ncd.io import DataError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -117,15 +117,9 @@ def read_state(data: bytes, uri: str, what: str = "model file") -> dict[str, Any
 
 
 def save(state: dict[str, Any], uri: str, s3: S3Config | None = None) -> None:
-    """Write ``state`` to ``uri`` atomically (nothing is left behind when the write fails)."""
-    data = state_bytes(state)
-    try:
-        io.write_bytes(uri, data, s3)
-    except OSError as err:
-        if isinstance(err, StorageError):
-            raise
-        raise StorageError(f"cannot write {uri} ({len(data) / 1e6:.1f} MB): {err}; free disk space or choose "
-                           "another output folder (nothing half-written was left)") from None
+    """Write ``state`` to ``uri`` atomically (a StorageError naming the file when the write
+    fails, and nothing left behind: ``io.write_bytes``)."""
+    io.write_bytes(uri, state_bytes(state), s3)
 
 
 def load(uri: str, s3: S3Config | None = None, what: str = "checkpoint") -> dict[str, Any]:
