@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -84,20 +85,22 @@ def _parquet_dataset(uri: str, columns: list[str], s3: S3Config | None) -> tuple
     return dataset, fs, paths
 
 
-def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None,
-                        categories: list[str] | None = None) -> "ray.data.Dataset":
-    """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory);
-    given ``categories``, only their folders are read when the table has one per category."""
-    _parquet_dataset(uri, columns, s3)  # checks the columns
-    fs, paths = table_parts(uri, s3, categories or ())
+def read_region_columns(uri: str, columns: list[str], s3: S3Config | None = None) -> "ray.data.Dataset":
+    """A streaming Ray Dataset over ``columns`` of a region table (Parquet file or directory)."""
+    _, fs, paths = _parquet_dataset(uri, columns, s3)
     return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)  # pushed down into the read
 
 
-def _select_rows(batch: pa.Table, region_ids: pa.Array) -> pa.Table:
-    """The rows of ``batch`` whose region is in ``region_ids``, with their position there as ``ROW``."""
-    position = pc.index_in(batch.column("region_id"), value_set=region_ids)
+def _read_selected(batch: pa.Table, uri: str, columns: list[str], s3: S3Config | None,
+                   region_ids: pa.Array) -> pa.Table:
+    """The rows of the part files named in ``batch["path"]`` whose region is in
+    ``region_ids``, only ``columns``, with their position in ``region_ids`` as ``ROW``."""
+    fs, _ = io.filesystem(uri, s3)
+    paths = batch.column("path").to_pylist()
+    table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=columns) for p in paths])
+    position = pc.index_in(table.column("region_id"), value_set=region_ids)
     keep = pc.is_valid(position)
-    return batch.filter(keep).append_column(ROW, position.filter(keep).cast(pa.int64()))
+    return table.filter(keep).append_column(ROW, position.filter(keep).cast(pa.int64()))
 
 
 def ray_inference(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
@@ -133,9 +136,14 @@ def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: in
         categories = sorted(set(regions.column("category").to_pylist()))
         warn_unseen_categories(trained, categories)
         carry = (ROW,)
-        ds = read_region_columns(source_of(regions), columns, s3, categories).map_batches(
-            _select_rows, fn_kwargs={"region_ids": regions.column("region_id").combine_chunks()},
-            batch_format="pyarrow", batch_size=None)
+        uri = source_of(regions)
+        _parquet_dataset(uri, columns, s3)  # checks the columns
+        _, paths = table_parts(uri, s3, categories)
+        # one task per part file, read with pyarrow (Ray's own file listing is not needed here)
+        ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths)).map_batches(
+            _read_selected, fn_kwargs={"uri": uri, "columns": columns, "s3": s3,
+                                       "region_ids": regions.column("region_id").combine_chunks()},
+            batch_format="pyarrow", batch_size=1)
     else:
         if regions.num_rows == 0:
             return RegionOutputs(np.zeros((0, trained.model.feature_dim), np.float32), [])
