@@ -4,9 +4,11 @@ and the image-level merge of region features."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ BENCH_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
                             "mtd_bench.yaml")
 METRICS = ("nmi", "ari", "f1")
 MAPS_GT = "gt"
+MAPS_DETECTOR = "detector"  # ncd's own zero-shot detector (``ncd detect``), written into the work folder
 
 
 def bench_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -38,7 +41,8 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
                         help="a folder of <Type>/Imgs/<stem>.jpg with <stem>.png masks, or 'demo' "
                              "(ncd's synthetic set, generated into the work folder)")
     parser.add_argument("--maps", default=MAPS_GT,
-                        help="'gt': detector-like maps made from the gt masks (ncd.gt_maps); or a folder of a "
+                        help="'gt': detector-like maps made from the gt masks (ncd.gt_maps); 'detector': ncd's zero-shot "
+                             "detector's maps (ncd detect, written once into the work folder); or a folder of a "
                              "detector's maps as the catalog reads them (MTD-style: <maps>/[MTD/]<Type>/<stem>.<ext>, "
                              "as `ncd detect` writes them; demo: <maps>/<product>/<type>/<stem>.<ext>)")
     parser.add_argument("--max-per-type", type=int, default=0,
@@ -78,7 +82,7 @@ def _demo(work: str) -> tuple[str, list[dict]]:
     return root, catalog_generic(root)
 
 
-def locate(dataset: str, work: str, maps: str) -> Dataset:
+def locate(dataset: str, work: str, maps: str, overrides: Sequence[str] = ()) -> Dataset:
     """The benchmark's dataset; ``maps='gt'`` writes gt-derived maps under ``work/maps`` once."""
     if dataset == DEMO:
         layout, name = "generic", DEMO
@@ -89,6 +93,14 @@ def locate(dataset: str, work: str, maps: str) -> Dataset:
             raise SystemExit(f"dataset {dataset}: no such folder (give a <Type>/Imgs/<stem>.jpg folder or 'demo')")
         name = os.path.basename(root.rstrip("/"))
         rows = catalog_mtd_images(root)
+    if maps == MAPS_DETECTOR:
+        out = f"{work}/detector_maps"
+        if not os.path.isdir(out):  # ncd's zero-shot detector (settings: detect.* of the bench config)
+            from ncd.detect import write_detector_maps
+
+            detect = load_config(BENCH_CONFIG, list(overrides)).detect
+            write_detector_maps(rows, out, dataclasses.replace(detect, mode="zero_shot"))
+        maps = out
     if maps != MAPS_GT:
         if not os.path.isdir(maps):
             raise SystemExit(f"--maps {maps}: not supported (no such folder); use 'gt' (maps from the gt masks) or "
@@ -110,7 +122,7 @@ def locate(dataset: str, work: str, maps: str) -> Dataset:
 def prepare(dataset: str, work: str, overrides: list[str], *, maps: str = MAPS_GT, max_per_type: int = 0,
             normal_images: int = MTD_NORMAL_IMAGES) -> tuple[ExperimentConfig, pa.Table]:
     """Config (``mtd_bench`` + ``overrides``) and the evaluation split's manifest."""
-    data = locate(dataset, work, maps)
+    data = locate(dataset, work, maps, overrides)
     cfg = load_config(BENCH_CONFIG, [f"name={data.name}", f"data.layout={data.layout}", f"data.root={data.root}",
                                      f"data.maps={data.maps}", f"output={work}/ncd", f"preprocess.output={work}/ncd",
                                      *overrides])
