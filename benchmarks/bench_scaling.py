@@ -19,7 +19,12 @@ images, a quarter of the regions), and its throughput is the marginal one,
 (N_full - N_small) / (T_full - T_small), with the fixed cost reported beside it;
 end-to-end throughputs (N / T) are reported too. Times are the best of ``REPEATS``.
 
-``*_scaling`` = 2-worker throughput / (2 x 1-worker throughput): 1.0 is linear.
+``ray_overhead_ratio`` = 1-worker Ray throughput (marginal) / the same work in one
+process, per stage and the lower of the two (goal >= 0.9): what Ray itself costs, which
+a machine with fewer free cores than processes does not hide.
+``*_scaling`` = 2-worker throughput / (2 x 1-worker throughput): 1.0 is linear; it is
+meaningful only on a machine with more free cores than workers (on a shared 2-core
+machine it measures contention; ``scaling_meaningful`` says which).
 With CUDA, Ray Train's 1-worker training throughput (regions/s, 2 views each) is
 measured the same way (1 epoch against 1 + ``TRAIN_EPOCHS``); it is skipped without.
 
@@ -167,7 +172,8 @@ def _table(name: str, unit: str, runs: dict[str, dict[str, float]]) -> str:
         fixed = f"{r['fixed_s']:14.1f}" if "fixed_s" in r else f"{'-':>14}"
         lines.append(f"  {key:<18} {r['per_s']:10.1f}   {e2e}   {fixed}   {r['per_s'] / base:12.2f}x")
     one, two = runs["ray_1"], runs["ray_2"]
-    lines.append(f"  scaling 2 vs 1 worker: marginal {two['per_s'] / (2 * one['per_s']):.2f}, "
+    lines.append(f"  Ray overhead (1 worker marginal / in process): {one['per_s'] / base:.2f} (1.0 = none)")
+    lines.append(f"  scaling 2 vs 1 worker (meaningful with more free cores than workers): marginal {two['per_s'] / (2 * one['per_s']):.2f}, "
                  f"end-to-end {two['end_to_end_per_s'] / (2 * one['end_to_end_per_s']):.2f} (1.0 = linear)")
     return "\n".join(lines)
 
@@ -225,7 +231,17 @@ def main() -> None:
     def scaling(runs: dict[str, dict[str, float]], key: str) -> float:
         return round(runs["ray_2"][key] / (2 * runs["ray_1"][key]), 3)
 
+    def overhead(runs: dict[str, dict[str, float]]) -> float:
+        return round(runs["ray_1"]["per_s"] / runs["in_process"]["per_s"], 3)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     line = {
+        "ray_overhead_ratio": min(overhead(pre), overhead(inf)),
+        "ray_overhead_ratio_preprocess": overhead(pre),
+        "ray_overhead_ratio_inference": overhead(inf),
+        "scaling_meaningful": cores - load >= max(WORKERS) + 1,
+        "cores": cores, "load_average_1min": round(load, 2),
         "preprocess_scaling": scaling(pre, "per_s"),
         "inference_scaling": scaling(inf, "per_s"),
         "preprocess_scaling_end_to_end": scaling(pre, "end_to_end_per_s"),
