@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 import pyarrow as pa
 
-from frozen_baseline import _cache_key
+from frozen_baseline import cache_key
 from mtd_common import DEMO, prepare
 
 from ncd.cluster.kmeans import kmeans
@@ -81,7 +81,7 @@ def region_features(cfg: ExperimentConfig, regions: pa.Table, work: str) -> dict
         blocks = frozen_region_features(regions, backbone, BLOCKS, SIZE, "eval", crop_pct=cfg.model.crop_pct)
         return {START: frozen_features(cfg, regions), **{v: blocks[v] for v in VARIANTS[1:]}}
 
-    return cached(f"{work}/k_features_{_cache_key(regions)}.npz", make)  # reused only for the same crops
+    return cached(f"{work}/k_features_{cache_key(regions)}.npz", make)  # reused only for the same crops
 
 
 def load_dataset(dataset: str, work: str, args: argparse.Namespace) -> tuple[str, ExperimentConfig, pa.Table,

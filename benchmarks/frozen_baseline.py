@@ -35,7 +35,7 @@ DINO = "dinov2-s"
 EFFNET = "effnet-lite0"
 
 
-def _cache_key(regions: pa.Table) -> str:
+def cache_key(regions: pa.Table) -> str:
     """Fingerprint of the crops (ids, crop and mask bytes): a cached feature file is reused only
     for the very same crops."""
     h = hashlib.sha1()
@@ -58,7 +58,7 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
     """{variant: (R, D) region features} for every backbone, size, view and pooling, and the
     seconds spent per (backbone, size, view); cached as ``cache/<backbone>_<size>_<view>_<key>.npz``."""
     os.makedirs(cache, exist_ok=True)
-    key = _cache_key(regions)
+    key = cache_key(regions)
     backbones: list[tuple[str, Callable[[int], object], tuple[int, ...]]] = [(DINO, lambda s: _vit(cfg, s), BLOCKS)]
     if efficientnet.available():
         backbones.append((EFFNET, lambda s: efficientnet.load_efficientnet_lite0(0), ()))
@@ -126,8 +126,9 @@ def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: in
 
 
 def k_estimate(regions: pa.Table, feats: np.ndarray, cfg: ExperimentConfig) -> dict[str, int]:
-    """Label-free K per category: the silhouette criterion (``ncd.k_estimation``) on the
-    variant's image features, K in ``infer.k_min..k_max``."""
+    """Label-free K per category: ``infer.k_criterion`` (``ncd.k_estimation``, what ``--k auto``
+    uses) on the variant's image features, K in ``infer.k_min..k_max``."""
     categories, _, x = image_features(regions, feats, cfg.infer.area_temperature)
     cats = np.asarray(categories)
-    return {c: estimate_k(x[cats == c], cfg.infer.k_min, cfg.infer.k_max, seed=0).k for c in dict.fromkeys(categories)}
+    return {c: estimate_k(x[cats == c], cfg.infer.k_min, cfg.infer.k_max, seed=0, criterion=cfg.infer.k_criterion).k
+            for c in dict.fromkeys(categories)}
