@@ -40,6 +40,7 @@ from ncd.metrics import cluster_metrics
 from ncd.model.heads import select_head
 from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
 from ncd.predict import TrainedModel, image_predictions, region_probabilities
+from ncd.region_refs import full_rows
 from ncd.region_table import REGIONS_DIR, read_regions
 from ncd.selection import cluster_score, score_sample
 from ncd.validation import validate
@@ -115,6 +116,9 @@ def trial(config: dict[str, Any], regions: pa.Table, base: pa.Table | None) -> N
 
     cfg = apply_overrides(from_dict(ExperimentConfig, config["base"]),
                           [f"{key}={value}" for key, value in config["params"].items()])
+    # a light table (Ray preprocessing hands those to the driver): the trial reads its crops itself
+    regions = full_rows(regions, cfg.s3)
+    base = full_rows(base, cfg.s3) if base is not None else None
     ctx = TuneContext("cuda" if torch.cuda.is_available() else "cpu", cfg, len(base_classes(base)),
                       score_sample(regions))
     result = train(cfg, regions, base, ctx)
