@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 
 from ncd import io
-from ncd.config import ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
+from ncd.config import RENAMED, ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
 from ncd.io import DataError
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ def differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     names = {"num_novel": "K", "base_classes": "base classes", "categories": "categories"}
     out += [f"{names[k]} ({old_classes.get(k)!r} -> {v!r})" for k, v in now["classes"].items()
             if old_classes.get(k) != v]
-    old_set, new_set = saved.get("settings", {}), now["settings"]
+    old_set = {k: v for k, v in saved.get("settings", {}).items() if k not in RENAMED}  # moved, unused by training
+    new_set = now["settings"]
     out += [f"{k} ({old_set.get(k)!r} -> {new_set.get(k)!r})" for k in sorted(set(old_set) | set(new_set))
             if old_set.get(k) != new_set.get(k)]
     return out

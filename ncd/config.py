@@ -150,7 +150,7 @@ class InferConfig:
     area_temperature: float = 50.0  # 100 for MVTec AD
     unknown_threshold: float = 0.0  # 0 disables the "unknown" label
     batch_size: int = 64
-    k_min: int = 2  # K estimation range (train.num_novel=auto, AnomalyNCD mode)
+    k_min: int = 2  # K estimation range of train.num_novel=auto, both modes
     k_max: int = 12
     k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.k_criteria.CRITERIA
     collapse_share: float = 0.6  # a model whose largest cluster holds more of the images has collapsed
@@ -168,14 +168,15 @@ class ProtoConfig:
     rgf_gain: float = 4.0  # initial extra bias per unit of pooled anomaly score
     rgf_learnable: bool = True
     guidance: str = "rgf"  # rgf | soft (map without RGF) | hard (AnomalyNCD mask)
-    kappa: float = 10.0  # vMF concentration: logits = kappa * cos (training and the posterior at inference)
+    # vMF concentration: logits = kappa * cos (training and the posterior at inference). In this mode it
+    # takes the place of loss.student_temp (kappa = 1 / student_temp; 10 = 1 / 0.1, the same default):
+    # the same softmax sharpness, parameterised as ProtoGCD does; loss.student_temp is unused here.
+    kappa: float = 10.0
     separation_weight: float = 0.1
     separation_temp: float = 0.1
     entropy_weight: float = 4.0
     hard_ratio_start: float = 0.0  # share of confident samples given hard pseudo labels, ramped
     hard_ratio_end: float = 1.0
-    k_min: int = 2  # K range of train.num_novel=auto in this mode (criterion: infer.k_criterion)
-    k_max: int = 12
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,19 @@ class ExperimentConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
 
 
+# Renamed keys, old -> new: an old key in a file or an override is an error naming the new one;
+# a config stored by an older ncd (model file, checkpoint) is read with the old key moved (``stored_config``).
+RENAMED: dict[str, str] = {
+    "proto.k_min": "infer.k_min",
+    "proto.k_max": "infer.k_max",
+}
+
+
+def _check_renamed(key: str) -> None:
+    if key in RENAMED:
+        raise ConfigError(f"{key} was renamed: use {RENAMED[key]}")
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -303,6 +317,8 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     types_ = _field_types(cls)
+    for name in data:
+        _check_renamed(prefix + str(name))
     unknown = sorted(set(data) - set(types_))
     if unknown:
         where = prefix.rstrip(".") or "config"
@@ -355,6 +371,7 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     data = to_dict(cfg)
     for text in overrides:
         path, value = parse_override(text)
+        _check_renamed(".".join(path))
         node: Any = data
         cls: Any = type(cfg)
         for depth, part in enumerate(path):
@@ -396,6 +413,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
     return apply_overrides(cfg, overrides)
+
+
+def stored_config(data: Mapping[str, Any]) -> ExperimentConfig:
+    """The config stored in a model file or checkpoint; one written before a rename has
+    its old key moved to the new name (dropped where the new key is present)."""
+    nested = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for old, new in RENAMED.items():
+        old_section, _, old_name = old.rpartition(".")
+        new_section, _, new_name = new.rpartition(".")
+        section = nested.get(old_section) if old_section else nested
+        if isinstance(section, dict) and old_name in section:
+            value = section.pop(old_name)
+            target = nested.setdefault(new_section, {}) if new_section else nested
+            target.setdefault(new_name, value)
+    return from_dict(ExperimentConfig, nested)
 
 
 SECRET_KEYS = ("s3.access_key", "s3.secret_key")  # never written, logged or passed to a worker

@@ -141,12 +141,9 @@ def true_k(regions: pa.Table) -> int:
 
 def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> KEstimate:
     """K without labels from the frozen features of ``regions`` (the model before training),
-    by ``infer.k_criterion`` (``ncd.k_estimation``) over the mode's range: ``infer.k_min..k_max``
-    (AnomalyNCD mode) or ``proto.k_min..k_max`` (ProtoAnomalyNCD mode)."""
+    by ``infer.k_criterion`` (``ncd.k_estimation``) over ``infer.k_min..k_max`` (both modes)."""
     feats = frozen_features(cfg, regions, infer)
-    k_range = (cfg.proto.k_min, cfg.proto.k_max) if cfg.method == "protoanomalyncd" else (cfg.infer.k_min,
-                                                                                          cfg.infer.k_max)
-    return estimate_k(feats, *k_range, cfg.train.seed, criterion=cfg.infer.k_criterion)
+    return estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
 
 def choose_k(cfg: ExperimentConfig, regions: pa.Table,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from ncd import checkpoint
-from ncd.config import ConfigError, ExperimentConfig, S3Config, from_dict, public_dict
+from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict, stored_config
 from ncd.merge import merge_regions, novel_probs
 from ncd.method import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
@@ -133,7 +133,7 @@ def save_model(trained: TrainedModel, uri: str, s3: S3Config | None = None) -> N
 
 def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> TrainedModel:
     """Rebuild a model from a saved state (a model file or a training checkpoint)."""
-    cfg = from_dict(ExperimentConfig, state["config"])
+    cfg = stored_config(state["config"])
     cm = state["class_map"]
     with warnings.catch_warnings():  # the weights come from the state, not from the source
         warnings.simplefilter("ignore")

@@ -112,7 +112,6 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "proto.entropy_weight": _at_least(0),
     "proto.hard_ratio_start": _unit,
     "proto.hard_ratio_end": _unit,
-    "proto.k_min": _at_least(1),
     "tune.num_samples": _at_least(1),
     "tune.k_values": _ks,
     "tune.grace_period": _at_least(1),
@@ -131,7 +130,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "detect.subset_size": _at_least(0),
     "detect.batch_size": _at_least(1),
 }
-RANGES = (("infer.k_min", "infer.k_max"), ("proto.k_min", "proto.k_max"))
+RANGES = (("infer.k_min", "infer.k_max"),)
 
 
 def problems(cfg: ExperimentConfig) -> list[str]:

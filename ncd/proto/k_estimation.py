@@ -19,7 +19,7 @@ into the centroid score were not readable here. ncd's reading, documented as suc
 - prototype score = accuracy + centroid score; without labelled rows, the centroid
   score alone (AnomalyNCD runs often have no labelled base set).
 
-:func:`estimate_k` is the label-free fast path: spherical FAISS k-means per K instead of
+:func:`best_k_by_prototype_score` is the label-free fast path: spherical FAISS k-means per K instead of
 one training per K (the Tune grid trains one model per K and scores its prototypes
 with :func:`prototype_score`).
 """
@@ -107,7 +107,7 @@ def prototype_score(
     return {"score": float(score), "centroid": float(centroid), "accuracy": float(accuracy)}
 
 
-def estimate_k(
+def best_k_by_prototype_score(
     features: np.ndarray,
     k_values: Sequence[int],
     seed: int,
@@ -131,7 +131,7 @@ def estimate_k(
     x = _unit(features)
     ks = sorted({int(k) for k in k_values})
     if not ks:
-        raise ValueError("estimate_k needs at least one candidate K")
+        raise ValueError("best_k_by_prototype_score needs at least one candidate K")
     if ks[0] < 1 or ks[-1] > x.shape[0]:
         raise ValueError(f"candidate K must be in [1, {x.shape[0]}] (the number of rows), got {ks}")
     scores: dict[int, float] = {}

@@ -64,6 +64,29 @@ def test_yaml_round_trip(tmp_path):
     assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
 
 
+def test_renamed_keys_fail_with_the_new_name(tmp_path):
+    """proto.k_min/k_max became infer.k_min/k_max (one K range for both modes): the old key
+    in a file or an override is a one-line error naming the new key; a config stored by an
+    older ncd (model file, checkpoint) still loads."""
+    from ncd.config import RENAMED, stored_config
+
+    assert RENAMED["proto.k_min"] == "infer.k_min" and RENAMED["proto.k_max"] == "infer.k_max"
+    for old, new in RENAMED.items():
+        with pytest.raises(ConfigError, match=f"^{old} was renamed: use {new}$"):
+            apply_overrides(ExperimentConfig(), [f"{old}=3"])
+        section, _, name = old.rpartition(".")
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(f"{section}:\n  {name}: 3\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(p)
+        assert str(err.value) == f"{p}: {old} was renamed: use {new}" and "\n" not in str(err.value)
+    old_file = to_dict(apply_overrides(ExperimentConfig(), ["infer.k_max=7"]))
+    old_file["proto"].update(k_min=3, k_max=9)  # written before the rename: both ranges stored
+    assert stored_config(old_file) == apply_overrides(ExperimentConfig(), ["infer.k_max=7"])
+    del old_file["infer"]["k_max"]
+    assert stored_config(old_file).infer.k_max == 9  # only the old key: its value under the new name
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

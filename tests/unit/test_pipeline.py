@@ -74,7 +74,7 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
     from ncd.validation import validate
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
-                                                      "infer.k_max=5", "proto.k_max=5"])
+                                                      "infer.k_max=5"])
     regions = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data, proto=cfg.proto)
     assert choose_k(cfg, regions)[1]["source"] == "given"
     oracle, info = choose_k(apply_overrides(cfg, ["train.num_novel=gt"]), regions)
@@ -86,7 +86,7 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
                                     pa.array([""] * regions.num_rows))
     with pytest.raises(ConfigError, match="no gt types"):
         choose_k(apply_overrides(cfg, ["train.num_novel=gt"]), unlabelled)
-    for method in ("anomalyncd", "protoanomalyncd"):  # one criterion, infer.k_criterion, in both modes
+    for method in ("anomalyncd", "protoanomalyncd"):  # one criterion and one K range (infer.*) in both modes
         auto = apply_overrides(cfg, ["train.num_novel=auto", f"method={method}"])
         resolved, info = choose_k(auto, unlabelled)  # no labels needed
         assert info["source"] == "estimated" and info["criterion"].startswith("eigengap"), info

@@ -24,7 +24,7 @@ from ncd.io import DataError
 from ncd.losses import info_nce, supcon
 from ncd.model.mask_attention import MaskGuidedViT, hard_key_bias, patch_coverage
 from ncd.proto.guidance import RegionGuidance, rgf_key_bias, soft_key_bias
-from ncd.proto.k_estimation import accuracy_score, centroid_score, estimate_k, prototype_score
+from ncd.proto.k_estimation import accuracy_score, best_k_by_prototype_score, centroid_score, prototype_score
 from ncd.proto.losses import (
     dual_level_targets,
     entropy_regularisation,
@@ -573,14 +573,14 @@ def test_prototype_score_adds_the_accuracy_of_labelled_rows():
 
 
 @pytest.mark.parametrize("k_true, seed", [(6, 0), (6, 1), (3, 2)])
-def test_estimate_k_recovers_well_separated_blobs(one_faiss_thread, k_true, seed):
+def test_best_k_by_prototype_score_recovers_well_separated_blobs(one_faiss_thread, k_true, seed):
     x, y = sphere_blobs(k_true, seed=seed)
-    best, scores = estimate_k(x, range(2, 10), seed=0)
+    best, scores = best_k_by_prototype_score(x, range(2, 10), seed=0)
     assert best == k_true and set(scores) == set(range(2, 10))
     lab = np.where(np.random.default_rng(seed).random(len(y)) < 0.3, y, -1)
-    assert estimate_k(x, [2, 3, 4, 5, 6, 7, 8], seed=1, labelled_labels=lab)[0] == k_true
+    assert best_k_by_prototype_score(x, [2, 3, 4, 5, 6, 7, 8], seed=1, labelled_labels=lab)[0] == k_true
     with pytest.raises(ValueError, match="candidate K"):
-        estimate_k(x[:5], [2, 6], seed=0)
+        best_k_by_prototype_score(x[:5], [2, 6], seed=0)
 
 
 # ================================================================ open set
