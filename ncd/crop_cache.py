@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ncd.augment import ViewSpec, draw_view_params, resize_for_views
 from ncd.batch_augment import pack_params
-from ncd.data import RegionSet
+from ncd.region_set import RegionSet
 
 VIEWS = 2
 

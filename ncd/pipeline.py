@@ -6,7 +6,6 @@ report) is this one function.
 """
 from __future__ import annotations
 
-import io as _io
 import json
 import logging
 import tempfile
@@ -184,12 +183,6 @@ def k_label(info: dict[str, Any]) -> str:
     return text
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = _io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
 def model_path(num_groups: int, name: str) -> str:
     """Where a trained model goes, relative to the output: ``model.pt`` for one model,
     else ``models/<category>.pt`` (the name path-safe: ``io.safe_name``)."""
@@ -302,7 +295,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     features = np.concatenate(feats)
     write_predictions(out, "region_predictions", region_pred, s3)
     write_predictions(out, "image_predictions", image_pred, s3)
-    io.write_bytes(io.join(out, "region_features.npy"), npy_bytes(features), s3)
+    io.write_bytes(io.join(out, "region_features.npy"), io.npy_bytes(features), s3)
     k_info = k_infos[groups[0][0]] if len(groups) == 1 else {"per_category": k_infos}
 
     done = stage(6, "evaluate")

@@ -6,7 +6,9 @@ import logging
 import time
 
 from ncd import io
+from ncd.cli import discover_config
 from ncd.config import K_ORACLE, apply_overrides
+from ray_jobs.discover import run
 
 log = logging.getLogger(__name__)
 FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random", "model.image_size=64",
@@ -16,8 +18,6 @@ FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random"
 def run_demo(args: argparse.Namespace) -> int:
     from ncd.synthetic import SyntheticSpec, write_dataset
     from ncd.model.weights import offline_backbone_available
-    from ray_jobs.cli import discover_config
-    from ray_jobs.discover import run
 
     args.config = args.config or "demo"
     args.out = args.out or "outputs/demo"

@@ -19,12 +19,14 @@ import pyarrow as pa
 import ray
 
 from ncd.catalog import catalog_images
+from ncd.cli import Progress as ProgressLine, add_detect_arguments, detect_config
 from ncd.config import DetectConfig, ExperimentConfig, S3Config, absolute_paths, redacted_s3
 from ncd.detect.features import PatchFeatureExtractor
 from ncd.detect.maps import write_maps
 from ncd.detect.run import (FEW_SHOT, CategoryResult, Features, Progress, detect_category, feature_batch,
                             feature_rows, maps_root, plan_detection, score_subset, score_table,
                             stratified_subsets, write_scores)
+from ray_jobs.session import add_detect_ray_arguments, setup_logging, start_ray
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +126,9 @@ def run_detect(cfg: ExperimentConfig, rows: Sequence[dict] | None = None, num_ac
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import Progress as ProgressLine, add_detect_arguments, detect_config
-    from ray_jobs.session import setup_logging, start_ray
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_detect_arguments(parser)
+    add_detect_ray_arguments(parser)
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     setup_logging(args.verbose)

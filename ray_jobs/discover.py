@@ -10,14 +10,15 @@ import logging
 
 import pyarrow as pa
 
+from ncd.cli import add_discover_arguments, discover_config, discover_here
 from ncd.config import ExperimentConfig
-from ncd.pipeline import LOCAL_STAGES, Stages, discover, summary_text
+from ncd.pipeline import Stages, discover, summary_text
 from ncd.predict import TrainedModel, model_from_state
 from ncd.region_refs import light_regions
 from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess
-from ray_jobs.session import setup_logging, start_ray
+from ray_jobs.session import add_discover_ray_arguments, setup_logging, start_ray
 from ray_jobs.train import result_state, run_train
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,9 @@ def ray_stages(num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.cli import add_discover_arguments, discover_config
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_discover_arguments(parser)
+    add_discover_ray_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     cfg = discover_config(args)
@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     """``discover`` with the stages ``args`` ask for (``--local`` or Ray), printing its summary."""
-    if not args.local:
-        start_ray(args.address, cfg.s3, getattr(args, "verbose", False))
-    stages = LOCAL_STAGES if args.local else ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker)
-    summary = discover(cfg, stages, progress=print)
+    if args.local:
+        return discover_here(cfg)
+    start_ray(args.address, cfg.s3, getattr(args, "verbose", False))
+    summary = discover(cfg, ray_stages(args.num_workers, args.use_gpu, args.cpus_per_worker), progress=print)
     print(summary_text(summary))
     return 0
 

@@ -27,11 +27,11 @@ import ray
 
 from ncd import io
 from ncd.catalog import build_manifest
-from ncd.config import ExperimentConfig, absolute_paths, load_config, redacted
+from ncd.config import ExperimentConfig, absolute_paths, redacted
 from ncd.preprocess import CategoryRange, category_ranges, check_categories, image_statistics
 from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)
-from ncd.validation import validate
+from ray_jobs.session import add_job_arguments, start_job
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +133,8 @@ def refresh_regions(cfg: ExperimentConfig, manifest: pa.Table | None = None, *,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
-    args = parser.parse_args(argv)
-    from ray_jobs.cli import config_path
-    from ray_jobs.session import setup_logging, start_ray
-
-    setup_logging(args.verbose)
-
-    cfg = validate(load_config(config_path(args.config), args.overrides))
-    start_ray(args.address, cfg.s3, args.verbose)
+    add_job_arguments(parser)
+    cfg = start_job(parser.parse_args(argv))
     print(run_preprocess(cfg))
 
 

@@ -1,4 +1,7 @@
-"""Starting or joining Ray for an ncd job: credentials and console output in one place.
+"""The Ray wiring every launcher shares: its command-line flags, console output, starting
+or joining Ray with the job's credentials (``start_job``), and Train/Tune run storage.
+Launchers (``ray_jobs.<stage>``) import this module and ``ncd``, never each other in a
+circle (``tests/unit/test_imports.py`` checks).
 
 S3 keys given in the config never travel inside a config: every config handed to a
 Ray worker is ``ncd.config.redacted``, and the keys reach the workers as the usual
@@ -12,13 +15,16 @@ appear with ``--verbose``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+from collections.abc import Sequence
 
 import pyarrow.fs as pafs
 
 from ncd import io
-from ncd.config import S3Config, redacted_s3
+from ncd.cli import checked_config, console_logging
+from ncd.config import ExperimentConfig, S3Config, redacted_s3
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 # notices that say nothing to an ncd user (the local instance's token auth, Ray Data's
@@ -49,25 +55,10 @@ def quiet_ray(verbose: bool) -> None:
             pass
 
 
-class PlainFormatter(logging.Formatter):
-    """The message alone; warnings and errors say so first."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
-
-
 def setup_logging(verbose: bool) -> None:
-    """ncd's own log lines (INFO) as plain text; other libraries' at WARNING; everything,
-    with timestamps, under ``verbose``."""
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    else:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", force=True)
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(PlainFormatter())
-        for name in ("ncd", "ray_jobs"):
-            logging.getLogger(name).setLevel(logging.INFO)
+    """ncd's and the launchers' own log lines (INFO) as plain text, other libraries' and
+    Ray's at WARNING; everything, with timestamps, under ``verbose``."""
+    console_logging(verbose, ("ncd", "ray_jobs"))
     quiet_ray(verbose)
 
 
@@ -98,3 +89,48 @@ def start_ray(address: str | None, s3: S3Config, verbose: bool = False) -> None:
              logging_level=logging.INFO if verbose else logging.WARNING,
              runtime_env={"env_vars": env} if env else None)
     quiet_ray(verbose)  # ray.init may have configured its loggers again
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, local: str | None = None) -> argparse.ArgumentParser:
+    """``--local`` (with its help line ``local``; None: no such flag) and ``--address``."""
+    if local:
+        p.add_argument("--local", action="store_true", help=local)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    return p
+
+
+def add_discover_ray_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Where ``discover`` runs (after ``ncd.cli.add_discover_arguments``)."""
+    add_ray_arguments(p, local="run every stage in this process (no Ray)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (and inference actors)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also show Ray's logs and full tracebacks")
+    return p
+
+
+def add_detect_ray_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Where ``detect`` runs (after ``ncd.cli.add_detect_arguments``)."""
+    add_ray_arguments(p, local="run in this process (no Ray)")
+    p.add_argument("--num-actors", type=int, default=1, help="feature actors")
+    p.add_argument("--use-gpu", action="store_true")
+    return p
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--config``, ``--set``, ``--address`` and ``-v`` of a ``python -m ray_jobs.<stage>`` launcher."""
+    p.add_argument("--config", default=None, help="YAML file or packaged config name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_ray_arguments(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
+    return p
+
+
+def start_job(args: argparse.Namespace, overrides: Sequence[str] | None = None) -> ExperimentConfig:
+    """A launcher's start: console logging, the validated config of ``--config`` and
+    ``--set`` (or ``overrides``), then Ray at ``--address`` with its credentials."""
+    setup_logging(args.verbose)
+    cfg = checked_config(args.config, args.overrides if overrides is None else overrides)
+    start_ray(args.address, cfg.s3, args.verbose)
+    return cfg

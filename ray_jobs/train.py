@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from ncd import checkpoint as ckpt
 from ncd import io
-from ncd.config import ConfigError, ExperimentConfig, S3Config, absolute_paths, from_dict, load_config, public_dict
+from ncd.config import ConfigError, ExperimentConfig, S3Config, absolute_paths, from_dict, public_dict
 from ncd.engine import train
 from ncd.io import DataError
 from ncd.pipeline import choose_k
@@ -35,7 +35,7 @@ from ncd.region_refs import is_light, light_regions, read_rows, source_of
 from ncd.region_table import read_regions
 from ncd.validation import validate
 from ray_jobs.infer import ray_inference
-from ray_jobs.session import run_storage
+from ray_jobs.session import add_job_arguments, run_storage, start_job
 
 log = logging.getLogger(__name__)
 
@@ -198,23 +198,14 @@ def run_train(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_job_arguments(parser)
     parser.add_argument("--regions", default=None, help="region table (default <preprocess.output>/regions)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--storage-path", default=None, help="run storage, local or s3:// (default <output>/ray_train)")
     parser.add_argument("--name", default=None, help="run name; the same name resumes")
-    parser.add_argument("--address", default=None)
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    from ray_jobs.cli import config_path
-    from ray_jobs.session import setup_logging, start_ray
-
-    setup_logging(args.verbose)
-
-    cfg = validate(load_config(config_path(args.config), args.overrides))
-    start_ray(args.address, cfg.s3, args.verbose)
+    cfg = start_job(args)
     regions = args.regions or io.join(cfg.preprocess.output, "regions")
     result = run_train(cfg, regions, args.num_workers, args.use_gpu, storage_path=args.storage_path, name=args.name)
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")

@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ncd import checkpoint as ckpt
 from ncd import io
-from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict, load_config,
+from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict,
                         public_dict)
 from ncd.data import base_classes
 from ncd.engine import train
@@ -44,7 +44,7 @@ from ncd.region_refs import full_rows
 from ncd.region_table import REGIONS_DIR, read_regions
 from ncd.selection import cluster_score, score_sample
 from ncd.validation import validate
-from ray_jobs.session import run_storage
+from ray_jobs.session import add_job_arguments, run_storage, start_job
 from ray_jobs.train import newest_checkpoint, report_checkpoint
 
 log = logging.getLogger(__name__)
@@ -220,27 +220,18 @@ def _scores_by_k(frame, metric: str) -> dict[int, float] | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_job_arguments(parser)
     parser.add_argument("--regions", default=None, help="region table (default <preprocess.output>/regions)")
     parser.add_argument("--estimate-k", default=None, metavar="LO..HI",
                         help="grid over K (one training per K), selected by k_score, e.g. 2..12")
     parser.add_argument("--storage-path", default=None)
-    parser.add_argument("--address", default=None)
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show Ray's logs")
     args = parser.parse_args(argv)
-    from ray_jobs.cli import config_path
-    from ray_jobs.session import setup_logging, start_ray
-
-    setup_logging(args.verbose)
-
     sets = list(args.overrides)
     if args.estimate_k:
         lo, hi = (int(v) for v in args.estimate_k.split(".."))
         sets += [f"tune.k_values={','.join(str(k) for k in range(lo, hi + 1))}", "tune.metric=k_score",
                  f"tune.num_samples={hi - lo + 1}"]
-    cfg = validate(load_config(config_path(args.config), sets))
-    start_ray(args.address, cfg.s3, args.verbose)
+    cfg = start_job(args, sets)
     summary = run_tune(cfg, args.regions or io.join(cfg.preprocess.output, "regions"), args.storage_path)
     print(summary)
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from ncd import io
 from ncd.config import S3Config
-from ncd.pipeline import npy_bytes
 
 
 def map_uri(maps_root: str, image_id: str) -> str:
@@ -60,6 +59,6 @@ def write_maps(image_ids: Sequence[str], patch_maps: np.ndarray, shapes: np.ndar
         uri = map_uri(maps_root, image_id)
         io.write_bytes(uri, io.encode_png(to_uint8(full, lo, hi)), s3)
         if write_npy:
-            io.write_bytes(npy_uri(maps_root, image_id), npy_bytes(full), s3)
+            io.write_bytes(npy_uri(maps_root, image_id), io.npy_bytes(full), s3)
         uris.append(uri)
     return uris

@@ -63,3 +63,23 @@ def test_faults_are_one_line_errors_with_tracebacks_only_under_verbose(demo_root
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("ncd catalog: error:")]
     assert len(errors) == 1 and str(blocker / "out") in errors[0] and "Traceback" not in err
+
+
+def _options(parser) -> dict[str, set[str]]:
+    sub = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    return {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+
+
+def test_the_ncd_command_offers_every_ray_free_command_with_its_flags():
+    """``ray_jobs.cli`` (the ``ncd`` entry point) delegates the commands of ``ncd.cli``: same
+    names, a superset of their flags (plus where to run: --local, --address...)."""
+    from ncd import cli as library
+    from ray_jobs.cli import build_parser
+
+    ray_side, ray_free = _options(build_parser()), _options(library.build_parser())
+    assert set(ray_free) == {"demo-data", "catalog", "preprocess", "evaluate", "train", "detect", "discover"}
+    assert set(ray_side) == set(ray_free) | {"demo"}
+    for name, flags in ray_free.items():
+        if name != "discover":  # on Ray, discover reads its own arguments (python -m ray_jobs.discover)
+            assert flags <= ray_side[name], name
+    assert "--local" in ray_side["preprocess"] and "--local" not in ray_free["preprocess"]

@@ -104,7 +104,7 @@ def _options(args: list[str]) -> tuple[list[str], str | None, list[str]]:
 
 
 def _resolve_config(name: str) -> Path:
-    """As ``ray_jobs.cli.config_path``: a YAML path (relative to the repo root) or a packaged name."""
+    """As ``ncd.cli.config_path``: a YAML path (relative to the repo root) or a packaged name."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
         return p if p.is_absolute() else REPO / p
@@ -282,8 +282,8 @@ def test_bare_config_names_resolve(source, module, args):
     if not module_file.is_file():
         pytest.skip(f"ray_jobs/{module}.py does not exist (test_command reports it)")
     src = module_file.read_text()
-    resolves = any(f"{name}(" in src for name in ("config_path", "discover_config", "detect_config"))
-    assert resolves, f"{source}: ray_jobs/{module}.py must resolve --config {config!r} with ray_jobs.cli.config_path"
+    resolves = any(f"{name}(" in src for name in ("config_path", "discover_config", "detect_config", "start_job"))
+    assert resolves, f"{source}: ray_jobs/{module}.py must resolve --config {config!r} with ncd.cli.config_path"
 
 
 def test_ncd_cli_commands_parse():
