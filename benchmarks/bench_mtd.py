@@ -99,13 +99,15 @@ def arm_start(cfg: ExperimentConfig, regions: pa.Table) -> tuple[dict[str, int],
 
 def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seeds: int, seconds: dict) -> dict:
     """``ncd discover`` of ``arm`` once per seed; mean and spread of the image-level metrics."""
-    runs, collapsed = [], []
+    runs, collapsed, unrefined = [], [], []
     for seed in range(seeds):
         arm_cfg = arm_config(cfg, work, arm, seed)
         shutil.rmtree(arm_cfg.output, ignore_errors=True)  # train afresh: never resume an earlier run's model
         summary = discover(apply_overrides(arm_cfg, ["infer.on_collapse=warn"]), manifest=manifest,
                            progress=lambda s: print(f"[{arm} seed {seed}] {s}", flush=True))
         runs.append(summary["metrics"]["image"]["mean"])
+        if summary.get("image_metrics_before_refine"):
+            unrefined.append(summary["image_metrics_before_refine"]["mean"])
         if summary["collapsed"]:
             collapsed.append(seed)
             print(f"[{arm} seed {seed}] FAILED: collapsed ({', '.join(summary['collapsed'])})", flush=True)
@@ -117,6 +119,8 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seed
     result["regions"] = regions.num_rows
     result["nmi_per_seed"] = [round(r["nmi"], 4) for r in runs]
     result["collapsed_seeds"] = collapsed
+    if unrefined:  # the same models' head predictions before the neighbour-consistency refinement
+        result["before_refine"] = {m: v for m, v in summarise(unrefined).items() if m in ("nmi", "ari", "f1", "nmi_std")}
     t0 = time.perf_counter()
     ks, start = arm_start(arm_config(cfg, work, arm, 0), regions)
     result["k_estimate"] = one_or_all(ks)
@@ -147,12 +151,13 @@ def _cell(r: dict, metric: str) -> str:
 
 
 def print_tables(results: dict, variants: dict) -> None:
-    print("\n| arm | NMI | ARI | F1 | K estimate | NMI before training | gain | collapsed seeds |"
-          "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| arm | NMI | ARI | F1 | K estimate | NMI before training | gain | NMI before refinement | collapsed seeds |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arm, r in results.items():
         title = ARM_TITLES.get(arm) or f"baseline: k-means on frozen features ({r['variant']})"
-        start = (f" | {r['start_nmi']:.3f} | {r['gain_over_start']:+.3f} | {r['collapsed_seeds'] or '-'}"
-                 if "start_nmi" in r else " | | | ")
+        unrefined = _cell(r["before_refine"], "nmi") if "before_refine" in r else "-"
+        start = (f" | {r['start_nmi']:.3f} | {r['gain_over_start']:+.3f} | {unrefined} | {r['collapsed_seeds'] or '-'}"
+                 if "start_nmi" in r else " | | | | ")
         print(f"| {title} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['k_estimate']}{start} |")
     if variants:
         print("\n| baseline variant | NMI | ARI | F1 |\n| --- | --- | --- | --- |")

@@ -158,6 +158,20 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    """Neighbour-consistency refinement of the novel prototypes after training (ncd/refine.py)."""
+
+    enabled: bool = True
+    init: str = "kmeans"  # kmeans (of the trained model's region features) | head (the trained prototypes)
+    neighbours: int = 5  # nearest regions a region should agree with
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 0.001
+    entropy_weight: float = 2.0  # weight of the mean-entropy term that keeps clusters spread
+    kmeans_restarts: int = 10
+
+
+@dataclass(frozen=True)
 class ProtoConfig:
     """ProtoAnomalyNCD mode (PROTO.md; ncd's reading where the paper is silent)."""
 
@@ -238,6 +252,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     proto: ProtoConfig = field(default_factory=ProtoConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)

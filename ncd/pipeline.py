@@ -32,6 +32,7 @@ from ncd.predict import (TrainedModel, image_predictions, region_predictions, re
                          warn_unseen_categories)
 from ncd.input_checks import input_checks, input_notes
 from ncd.io import DataError
+from ncd.refine import refine_summary, refine_trained
 from ncd.region_refs import is_light
 from ncd.region_table import REGIONS_DIR, read_regions, update_regions
 from ncd.validation import validate
@@ -265,6 +266,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
 
     groups = category_groups(cfg, regions)
     parts, feats, region_preds, image_preds, k_infos, heads, models, healths = [], [], [], [], {}, {}, {}, {}
+    raw_image_preds, refine_infos = [], {}
     for g, (name, part) in enumerate(groups):
         label = f" ({name}, {g + 1}/{len(groups)})" if len(groups) > 1 else ""
         done = stage(4, "train" + label)
@@ -276,6 +278,15 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         done()
         done = stage(5, "infer" + label)
         outputs = stages.infer(trained, part)
+        if cfg.refine.enabled and true_k(part):
+            raw_probs = region_probabilities(trained, outputs.logits)
+            raw_image_preds.append(image_predictions(part, raw_probs, cfg.infer.area_temperature,
+                                                     cfg.infer.unknown_threshold)[0])
+        trained, outputs, refined = refine_trained(trained, outputs, part_cfg.train.seed)
+        if refined is not None:
+            refine_infos[name] = refine_summary(refined)
+            progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
+                     f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
         probs = region_probabilities(trained, outputs.logits)
         region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
         image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
@@ -312,12 +323,17 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     if metrics:
         io.write_bytes(io.join(out, "metrics.json"), json.dumps(metrics, indent=2).encode(), s3)
     done()
+    before_refine = None
+    if metrics and raw_image_preds:
+        before_refine = evaluate_predictions(pa.concat_tables(raw_image_preds), k=k_info["k"] if len(groups) == 1
+                                             else {name: info["k"] for name, info in k_infos.items()})
     seconds["total"] = round(time.perf_counter() - t_all, 2)
     summary = {"output": out, "images": manifest.num_rows, "regions": regions.num_rows, "k": k_info,
                "images_without_regions": checks["images_without_regions"],
                "mebin_outliers": checks["mebin_outliers"], "notes": notes,
                "selected_head": heads, "models": models, "health": healths,
                "collapsed": sorted(n for n, h in healths.items() if h["collapsed"]), "metrics": metrics, "seconds": seconds,
+               "refine": refine_infos, "image_metrics_before_refine": before_refine,
                "backbone": cfg.model.backbone, "weights": cfg.model.weights, "config": public_dict(cfg)}
     io.write_bytes(io.join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), s3)
     if summary["collapsed"] and cfg.infer.on_collapse == "error":

@@ -33,6 +33,19 @@ def test_discover_single_process(demo_root, tmp_path):
     per_category = json.loads((tmp_path / "summary.json").read_text())["k"]["per_category"]
     assert {c: i["k"] for c, i in per_category.items()} == {"fabric": 6, "plate": 6}  # one model per category
     assert (tmp_path / "models" / "plate.pt").exists() and (tmp_path / "models" / "fabric.pt").exists()
+    # the clusters were refined after training, and the saved model predicts with the refined prototypes
+    assert set(summary["refine"]) == {"fabric", "plate"} and summary["image_metrics_before_refine"]["mean"]["nmi"] >= 0
+    from ncd.pipeline import local_infer
+    from ncd.predict import load_model, region_probabilities
+
+    regions = read_table(str(tmp_path / "regions"))
+    plate = regions.filter(np.asarray(regions.column("category").to_pylist()) == "plate")
+    trained = load_model(str(tmp_path / "models" / "plate.pt"))
+    again = region_probabilities(trained, local_infer(trained, plate).logits).argmax(1)
+    written = read_table(str(tmp_path / "region_predictions.parquet"))
+    ids = plate.column("region_id").to_pylist()
+    by_id = dict(zip(written.column("region_id").to_pylist(), written.column("cluster").to_pylist()))
+    assert again.tolist() == [by_id[i] for i in ids]
 
 
 def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_root, tmp_path):

@@ -1,0 +1,123 @@
+"""Neighbour-consistency refinement of the novel prototypes on fixed region features.
+
+After training, the selected head's K novel prototypes are tuned on the model's own
+region features (no augmentation, no backbone pass): each region should get the same
+cluster as its nearest neighbours in feature space (SCAN, Van Gansbeke et al., ECCV
+2020), while the mean prediction stays spread over the K clusters (mean-entropy). The
+prototypes start from the trained head (``refine.init=head``) or from spherical k-means
+of the features (``kmeans``). The refined prototypes replace the head's, so the saved
+model predicts with them. Cheap: a few hundred Adam steps on a (K, D) matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ncd.cluster.kmeans import kmeans
+from ncd.config import RefineConfig
+from ncd.infer import RegionOutputs
+from ncd.method import prediction_temperature
+from ncd.predict import TrainedModel
+
+
+@dataclass(frozen=True)
+class RefineResult:
+    """Refined unit prototypes (K, D) and how far the assignment moved from the start."""
+
+    prototypes: np.ndarray
+    changed_share: float  # share of regions whose argmax cluster differs from the start's
+    start_largest_share: float
+    end_largest_share: float
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def neighbour_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, k) indices of each row's k most cosine-similar other rows (k clipped to N - 1)."""
+    k = max(1, min(k, x.shape[0] - 1))
+    sim = x @ x.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.topk(k, dim=1).indices
+
+
+def start_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, cfg: RefineConfig, seed: int) -> np.ndarray:
+    """The (K, D) prototypes refinement starts from: the head's, or spherical k-means centroids."""
+    if cfg.init == "head":
+        return unit_rows(head_prototypes)
+    k = head_prototypes.shape[0]
+    return unit_rows(kmeans(unit_rows(feats), k, seed=seed, spherical=True, nredo=cfg.kmeans_restarts).centroids)
+
+
+def _largest_share(labels: torch.Tensor, k: int) -> float:
+    return float(torch.bincount(labels, minlength=k).max()) / max(1, len(labels))
+
+
+def refine_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, temperature: float, cfg: RefineConfig,
+                      seed: int = 0) -> RefineResult:
+    """Tune K prototypes on (N, D) region features by neighbour consistency and mean entropy.
+
+    Loss per batch: ``-mean log <p_i, p_j>`` for a random neighbour j of each i (among
+    ``cfg.neighbours`` nearest), plus ``cfg.entropy_weight * sum(m log m)`` with m the mean
+    prediction; ``p = softmax(cos(x, W) / temperature)``. Deterministic given ``seed``.
+    """
+    x = torch.from_numpy(unit_rows(feats))
+    n, k = x.shape[0], head_prototypes.shape[0]
+    start = torch.from_numpy(start_prototypes(feats, head_prototypes, cfg, seed))
+    if n < 2 or k < 2:
+        labels = (x @ start.T).argmax(1)
+        share = _largest_share(labels, k)
+        return RefineResult(start.numpy(), 0.0, share, share)
+    weights = torch.nn.Parameter(start.clone())
+    neighbours = neighbour_indices(x, cfg.neighbours)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([weights], lr=cfg.lr)
+    batch = min(n, cfg.batch_size)
+    for _ in range(cfg.steps):
+        i = torch.randint(n, (batch,), generator=gen)
+        j = neighbours[i, torch.randint(neighbours.shape[1], (batch,), generator=gen)]
+        w = F.normalize(weights, dim=1)
+        p_i = F.softmax(x[i] @ w.T / temperature, dim=1)
+        p_j = F.softmax(x[j] @ w.T / temperature, dim=1)
+        consistency = -torch.log((p_i * p_j).sum(1).clamp_min(1e-8)).mean()
+        mean_p = p_i.mean(0)
+        neg_entropy = (mean_p * torch.log(mean_p.clamp_min(1e-8))).sum()
+        loss = consistency + cfg.entropy_weight * neg_entropy
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = F.normalize(weights.detach(), dim=1)
+    before, after = (x @ start.T).argmax(1), (x @ end.T).argmax(1)
+    return RefineResult(end.numpy(), float((before != after).float().mean()), _largest_share(before, k),
+                        _largest_share(after, k))
+
+
+def refine_trained(trained: TrainedModel, outputs: RegionOutputs, seed: int = 0
+                   ) -> tuple[TrainedModel, RegionOutputs, RefineResult | None]:
+    """``trained`` with its selected head's novel prototypes refined on ``outputs.feat`` (in
+    place: the model's weights change) and the outputs' logits recomputed; unchanged, with
+    no result, when ``refine.enabled`` is false or there is nothing to refine."""
+    cfg = trained.cfg.refine
+    if not cfg.enabled or cfg.steps == 0 or len(outputs.feat) == 0:
+        return trained, outputs, None
+    heads = trained.model.heads
+    base = heads.num_base
+    head_protos = heads.prototypes()[trained.head, base:].detach().cpu().numpy()
+    result = refine_prototypes(outputs.feat, head_protos, prediction_temperature(trained.cfg), cfg, seed)
+    with torch.no_grad():
+        heads.weight[trained.head, base:] = torch.from_numpy(result.prototypes).to(heads.weight)
+        feat = torch.from_numpy(outputs.feat).to(heads.weight)
+        logits = [z.float().cpu().numpy() for z in heads(feat)]
+    return trained, RegionOutputs(feat=outputs.feat, logits=logits), result
+
+
+def refine_summary(result: RefineResult) -> dict[str, float]:
+    """The figures of a refinement worth keeping in a run summary."""
+    return {"changed_share": round(result.changed_share, 4), "start_largest_share": round(result.start_largest_share, 4),
+            "end_largest_share": round(result.end_largest_share, 4)}
