@@ -224,14 +224,17 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_train
+    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_infer, local_train
     from ncd.predict import save_model
+    from ncd.refine import refine_trained
     from ncd.region_table import read_regions
 
     cfg = checked_config(args.config, args.overrides)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)
     cfg, k_info = choose_k(cfg, regions)
     trained = local_train(cfg, regions, base_set(cfg, LOCAL_STAGES))
+    if cfg.refine.enabled:
+        trained = refine_trained(trained, local_infer(trained, regions), cfg.train.seed)[0]
     out = io.join(cfg.output, "model.pt")
     save_model(trained, out, cfg.s3)
     print(f"model -> {out} (head {trained.head}, {k_label(k_info)})")

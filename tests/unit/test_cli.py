@@ -83,3 +83,27 @@ def test_the_ncd_command_offers_every_ray_free_command_with_its_flags():
         if name != "discover":  # on Ray, discover reads its own arguments (python -m ray_jobs.discover)
             assert flags <= ray_side[name], name
     assert "--local" in ray_side["preprocess"] and "--local" not in ray_free["preprocess"]
+
+
+def test_train_saves_the_refined_prototypes(demo_root, tmp_path):
+    import numpy as np
+
+    from ncd.config import apply_overrides
+    from ncd.pipeline import local_infer
+    from ncd.predict import load_model
+    from ncd.refine import refine_trained
+
+    common = ["--config", "demo_smoke", "--set", f"data.root={demo_root}", "--set", f"preprocess.output={tmp_path}",
+              "--set", "data.categories=plate", "--set", "train.epochs=1", "--set", "train.num_novel=3"]
+    assert main(["preprocess", "--local", *common]) == 0
+    assert main(["train", *common, "--set", f"output={tmp_path / 'raw'}", "--set", "refine.enabled=false"]) == 0
+    assert main(["train", *common, "--set", f"output={tmp_path / 'refined'}"]) == 0
+    raw, refined = load_model(str(tmp_path / "raw" / "model.pt")), load_model(str(tmp_path / "refined" / "model.pt"))
+    regions = read_table(str(tmp_path / "regions"))
+    # the same training, then the refinement of the head's novel prototypes on the training regions' features
+    raw.cfg = apply_overrides(raw.cfg, ["refine.enabled=true"])
+    expected = refine_trained(raw, local_infer(raw, regions), raw.cfg.train.seed)[0]
+    got = refined.model.heads.prototypes()[refined.head].detach().numpy()
+    np.testing.assert_allclose(got, expected.model.heads.prototypes()[expected.head].detach().numpy(), atol=1e-5)
+    assert not np.allclose(got, load_model(str(tmp_path / "raw" / "model.pt")).model.heads.prototypes()[raw.head]
+                           .detach().numpy(), atol=1e-3)
