@@ -51,7 +51,7 @@ from ncd.engine import view_spec  # noqa: E402
 from ncd.infer import autocast, forward_regions  # noqa: E402
 from ncd.mebin import normalize  # noqa: E402
 from ncd.merge import merge_regions  # noqa: E402
-from ncd.method import build_model  # noqa: E402
+from ncd.methods import build_model  # noqa: E402
 from ncd.predict import TrainedModel, image_predictions, region_probabilities  # noqa: E402
 from ncd.preprocess import category_ranges, image_statistics, map_as_uint8, preprocess_manifest  # noqa: E402
 from ncd.synthetic import SyntheticSpec, write_dataset  # noqa: E402

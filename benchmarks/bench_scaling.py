@@ -60,7 +60,7 @@ from ncd.config import ExperimentConfig, apply_overrides  # noqa: E402
 from ncd.data import eval_set  # noqa: E402
 from ncd.engine import view_spec  # noqa: E402
 from ncd.infer import forward_regions  # noqa: E402
-from ncd.method import build_model  # noqa: E402
+from ncd.methods import build_model  # noqa: E402
 from ncd.predict import TrainedModel  # noqa: E402
 from ncd.preprocess import preprocess_manifest  # noqa: E402
 from ncd.region_table import read_regions  # noqa: E402

@@ -31,7 +31,7 @@ from ncd.config import apply_overrides, load_config  # noqa: E402
 from ncd.data import build_training_set, training_loader  # noqa: E402
 from ncd.engine import parameter_groups, train_step, view_spec  # noqa: E402
 from ncd.infer import autocast  # noqa: E402
-from ncd.method import make_objective  # noqa: E402
+from ncd.methods import make_objective  # noqa: E402
 from ncd.model.ncd_model import build_ncd_model  # noqa: E402
 from ncd.preprocess import preprocess_manifest  # noqa: E402
 from ncd.synthetic import BASE_SPEC, SyntheticSpec, write_base_set, write_dataset  # noqa: E402

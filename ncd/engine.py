@@ -23,7 +23,7 @@ from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
 from ncd.data import base_classes, build_training_set, eval_set, training_loader
 from ncd.infer import autocast, forward_regions
 from ncd.model.heads import select_head
-from ncd.method import Objective, build_model, guide_columns, kmeans_init, make_objective
+from ncd.methods import Objective, build_model, guide_columns, kmeans_init, make_objective
 from ncd.model.ncd_model import NCDModel
 from ncd.schedules import cosine_lr
 from ncd.validation import validate

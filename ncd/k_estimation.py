@@ -7,8 +7,8 @@ eigenvalue is largest. It counts local components, where the k-means criteria se
 the coarsest split (normal vs defect, one product vs another): on MTD, DeepPCB and the
 demo (truth 6; ``benchmarks/bench_k.py``) it gave 6, 12, 5 and 9 (per product), the
 silhouette 3, 2, 3, 3; no criterion was within 1 on all, so a known K is better given.
-:func:`trained_k_score` scores a trained model's K (Tune's ``k_score``): the silhouette
-of its partition, or in ProtoAnomalyNCD mode ProtoGCD's prototype score.
+A trained model's K is scored by its method (``ncd.methods``, ``Method.trained_k_score``:
+the silhouette of its partition, or in ProtoAnomalyNCD mode ProtoGCD's prototype score).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ CRITERION_NAMES = {
     "stability": "stability (ARI of k-means on subsample pairs)",
 }
 
-__all__ = ["KEstimate", "estimate_k", "trained_k_score", "cosine_silhouette", "l2_normalise"]
+__all__ = ["KEstimate", "estimate_k", "cosine_silhouette", "l2_normalise"]
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,3 @@ def estimate_k(features: np.ndarray, k_min: int, k_max: int, seed: int = 0,
         log.warning("K estimation: all %d feature rows are identical, nothing to separate: K = k_min = %d", n, k_min)
     k, scores = CRITERIA[criterion](x, Partitions(x, range(k_min, k_max + 1), seed), seed)
     return KEstimate(k, scores, CRITERION_NAMES[criterion])
-
-
-def trained_k_score(method: str, feat: np.ndarray, probs: np.ndarray, novel_prototypes: np.ndarray) -> float:
-    """Label-free score of a trained model's K, comparable across K (higher is better).
-
-    ProtoAnomalyNCD mode: the prototype score of its K novel prototypes (PROTO.md,
-    centroid score alone: no labelled rows); AnomalyNCD mode: the cosine silhouette of
-    the region embeddings ``feat`` (R, D) under the model's partition ``probs.argmax(1)``.
-    """
-    if method == "protoanomalyncd":
-        from ncd.proto.k_estimation import prototype_score
-
-        return prototype_score(feat, novel_prototypes)["score"]
-    return cosine_silhouette(l2_normalise(feat), probs.argmax(1))

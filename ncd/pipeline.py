@@ -27,7 +27,7 @@ from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
 from ncd.health import CollapseError, cluster_health, collapse_message
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.k_estimation import KEstimate, estimate_k
-from ncd.method import build_model, guide_columns
+from ncd.methods import build_model, guide_columns
 from ncd.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
 from ncd.input_checks import input_checks, input_notes

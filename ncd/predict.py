@@ -19,7 +19,7 @@ import torch
 from ncd import checkpoint
 from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict, stored_config
 from ncd.merge import merge_regions, novel_probs
-from ncd.method import build_model, prediction_temperature
+from ncd.methods import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
 
 log = logging.getLogger(__name__)

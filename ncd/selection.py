@@ -1,6 +1,6 @@
 """Label-free model selection: one score, computed the same way for every candidate.
 
-``cluster_score`` is ``k_estimation.trained_k_score`` over a fixed sample of the regions:
+``cluster_score`` is the method's ``trained_k_score`` (``ncd.methods``) over a fixed sample of the regions:
 the mean cosine silhouette of a model's region features under its own partition (the
 argmax of the selected head), or in ProtoAnomalyNCD mode the prototype score of its
 trained prototypes. It reads only the model's outputs and prototypes, so it does not depend on the loss weights,
@@ -16,8 +16,8 @@ import pyarrow as pa
 from ncd.data import eval_set
 from ncd.engine import view_spec
 from ncd.infer import forward_regions
-from ncd.k_estimation import MAX_SILHOUETTE_POINTS, trained_k_score
-from ncd.method import guide_columns
+from ncd.k_estimation import MAX_SILHOUETTE_POINTS
+from ncd.methods import get_method, guide_columns
 from ncd.predict import TrainedModel
 
 SAMPLE_SEED = 0  # fixed: every candidate is scored on the same regions, whatever its train.seed
@@ -41,4 +41,4 @@ def cluster_score(trained: TrainedModel, regions: pa.Table) -> float:
     num_base = trained.class_map["num_base"]
     novel_logits = outputs.logits[trained.head][:, num_base:]  # its argmax is the model's partition
     prototypes = trained.model.heads.prototypes()[trained.head, num_base:].detach().float().cpu().numpy()
-    return trained_k_score(cfg.method, outputs.feat, novel_logits, prototypes)
+    return get_method(cfg.method).trained_k_score(outputs.feat, novel_logits, prototypes)

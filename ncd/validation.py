@@ -15,7 +15,7 @@ from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, fl
 from ncd.crops import MERGE_MODES
 from ncd.data import AUGMENT_ON
 from ncd.k_criteria import CRITERIA
-from ncd.method import METHODS
+from ncd.methods import METHODS
 from ncd.proto.guidance import GUIDANCE_MODES
 from ncd.proto.object_prior import OBJECT_PRIORS
 

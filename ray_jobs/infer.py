@@ -26,7 +26,7 @@ from ncd import io
 from ncd.config import S3Config
 from ncd.data import eval_set
 from ncd.engine import view_spec
-from ncd.method import guide_columns
+from ncd.methods import guide_columns
 from ncd.infer import RegionOutputs, forward_regions
 from ncd.io import DataError, StorageError
 from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories

@@ -8,7 +8,7 @@ from ncd.config import load_config
 from ncd.data import eval_set
 from ncd.engine import view_spec
 from ncd.infer import forward_regions
-from ncd.method import build_model
+from ncd.methods import build_model
 from ncd.predict import TrainedModel
 from ncd.preprocess import preprocess_manifest
 from ncd.region_table import read_regions

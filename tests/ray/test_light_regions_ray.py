@@ -9,7 +9,7 @@ from ncd.config import apply_overrides, load_config
 from ncd.data import eval_set
 from ncd.engine import view_spec
 from ncd.infer import forward_regions
-from ncd.method import build_model
+from ncd.methods import build_model
 from ncd.pipeline import choose_k
 from ncd.predict import TrainedModel
 from ncd.preprocess import preprocess_manifest

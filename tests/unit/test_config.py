@@ -13,7 +13,7 @@ def test_defaults_reproduce_the_paper():
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.seed) == (0.003, 50, 32, 3407)
     assert (cfg.loss.sup_weight, cfg.loss.memax_weight, cfg.loss.anomaly_thred) == (0.3, 4.0, 0.5)
     assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp) == (0.07, 0.04)
-    assert cfg.train.kmeans_init == "auto"  # k-means prototype start in ProtoAnomalyNCD mode only (ncd.method)
+    assert cfg.train.kmeans_init == "auto"  # k-means prototype start in ProtoAnomalyNCD mode only (ncd.methods)
     assert cfg.train.num_novel == "auto"  # K is never taken from labels unless asked (gt)
 
 

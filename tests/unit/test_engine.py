@@ -199,7 +199,7 @@ def test_train_step_never_synchronises_with_the_device(method):
     """A step only enqueues work: any host-device synchronisation (a boolean-mask
     selection, an indexed write, a pageable copy) stalls the kernel launches behind it."""
     from ncd.engine import parameter_groups, train_step
-    from ncd.method import build_model, guide_columns, make_objective
+    from ncd.methods import build_model, guide_columns, make_objective
 
     dev = torch.device("cuda")
     cfg = load_config(None, ["model.backbone=vit_small_patch16_224", "model.weights=random", f"method={method}"])

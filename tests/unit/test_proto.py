@@ -628,9 +628,26 @@ def test_inference_posterior_is_the_vmf_posterior_at_proto_kappa():
 
 def test_prototypes_start_from_kmeans_in_proto_mode_unless_told_otherwise():
     from ncd.config import load_config
-    from ncd.method import kmeans_init
+    from ncd.methods import kmeans_init
 
     assert kmeans_init(load_config(None, ["method=protoanomalyncd"])) is True  # PROTO.md: region-guided prototypes
     assert kmeans_init(load_config(None, ["method=anomalyncd"])) is False  # the paper's random init
     assert kmeans_init(load_config(None, ["method=protoanomalyncd", "train.kmeans_init=false"])) is False
     assert kmeans_init(load_config(None, ["method=anomalyncd", "train.kmeans_init=true"])) is True
+
+
+def test_methods_are_chosen_by_name_behind_one_interface():
+    """One module per method (ncd/methods/), chosen by name; an unknown name lists the known ones."""
+    from ncd.config import ConfigError, load_config
+    from ncd.methods import METHODS, get_method, guide_columns, prediction_temperature
+
+    assert METHODS == ("anomalyncd", "protoanomalyncd")
+    assert [get_method(m).name for m in METHODS] == list(METHODS)
+    with pytest.raises(ConfigError, match="unknown method 'protoncd'; known methods: anomalyncd, protoanomalyncd"):
+        get_method("protoncd")
+    ncd_cfg = load_config(None, ["loss.student_temp=0.2", "proto.kappa=4"])
+    proto_cfg = load_config(None, ["method=protoanomalyncd", "loss.student_temp=0.2", "proto.kappa=4"])
+    assert (prediction_temperature(ncd_cfg), prediction_temperature(proto_cfg)) == (0.2, 0.25)
+    assert guide_columns(ncd_cfg) == () and guide_columns(proto_cfg) == ("anomaly_png",)
+    assert guide_columns(load_config(None, ["method=protoanomalyncd", "proto.object_prior=auto"])) == (
+        "anomaly_png", "object_png")

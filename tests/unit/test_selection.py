@@ -6,7 +6,7 @@ import torch
 
 from ncd.catalog import build_manifest
 from ncd.config import load_config
-from ncd.method import build_model, make_objective
+from ncd.methods import build_model, make_objective
 from ncd.predict import TrainedModel
 from ncd.preprocess import preprocess_manifest
 from ncd.selection import cluster_score, score_sample
