@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ncd.cluster.kmeans import kmeans
 from ncd.config import RefineConfig
 from ncd.infer import RegionOutputs
-from ncd.method import prediction_temperature
+from ncd.methods import prediction_temperature
 from ncd.predict import TrainedModel
 
 
