@@ -47,7 +47,7 @@ SETTINGS = ["train.epochs=1", "train.kmeans_init=false", "train.num_novel=6", "t
 
 def make_pool(root: Path) -> list[Path]:
     """Seeded synthetic images with maps and masks; returns their paths relative to images/."""
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     write_dataset(root, SyntheticSpec(categories=("plate",), images_per_family=POOL_PER_TYPE,
                                       normal_images=POOL_PER_TYPE, image_size=IMAGE_SIZE, seed=11), workers=1)

@@ -38,13 +38,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ncd.catalog import catalog_images  # noqa: E402
+from ncd.data.catalog import catalog_images  # noqa: E402
 from ncd.config import DataConfig, DetectConfig, ExperimentConfig, apply_overrides  # noqa: E402
 from ncd.detect.features import backbone_config  # noqa: E402
 from ncd.detect.run import (CategoryJob, Features, detect_category, extract_local, score_table,  # noqa: E402
                             write_category)
 from ncd.detect.maps import npy_uri  # noqa: E402
-from ncd.metrics import aupro  # noqa: E402
+from ncd.evaluate.metrics import aupro  # noqa: E402
 from ncd.proto.openset import auroc  # noqa: E402
 
 BENCH_DEFAULTS = ["detect.image_size=224", "detect.reference_images=32", "detect.blocks=5,8",

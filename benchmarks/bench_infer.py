@@ -6,9 +6,9 @@ Run with no arguments (CPU: a few minutes):
 
 From anomaly maps to image labels for a seeded synthetic category (256 px images):
 
-- ncd: ``ncd.preprocess.preprocess_manifest`` (MEBin with ``ncd.mebin``, crops, the
-  region table), ``ncd.infer.forward_regions`` (batched model calls), then
-  ``ncd.predict.region_probabilities`` and the area-softmax merge (``image_predictions``);
+- ncd: ``ncd.preprocess.regions.preprocess_manifest`` (MEBin with ``ncd.preprocess.mebin``, crops, the
+  region table), ``ncd.infer.forward.forward_regions`` (batched model calls), then
+  ``ncd.infer.predict.region_probabilities`` and the area-softmax merge (``image_predictions``);
 - upstream-like: per image, MEBin one threshold at a time (``bench_mebin.reference_set``,
   the upstream procedure), the same crops, one model call per crop (batch 1, the
   test view), then the same merge.
@@ -41,20 +41,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_mebin import reference_set  # noqa: E402
-from ncd import io  # noqa: E402
-from ncd.augment import eval_view  # noqa: E402
-from ncd.catalog import build_manifest  # noqa: E402
+from ncd.data import io  # noqa: E402
+from ncd.train.augment import eval_view  # noqa: E402
+from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import load_config  # noqa: E402
-from ncd.crops import crop_regions, mask_to_image_size, score_map_to_image_size  # noqa: E402
-from ncd.data import eval_set  # noqa: E402
-from ncd.engine import view_spec  # noqa: E402
-from ncd.infer import autocast, forward_regions  # noqa: E402
-from ncd.mebin import normalize  # noqa: E402
-from ncd.merge import merge_regions  # noqa: E402
+from ncd.preprocess.crops import crop_regions, mask_to_image_size, score_map_to_image_size  # noqa: E402
+from ncd.train.datasets import eval_set  # noqa: E402
+from ncd.train.engine import view_spec  # noqa: E402
+from ncd.infer.forward import autocast, forward_regions  # noqa: E402
+from ncd.preprocess.mebin import normalize  # noqa: E402
+from ncd.infer.merge import merge_regions  # noqa: E402
 from ncd.methods import build_model  # noqa: E402
-from ncd.predict import TrainedModel, image_predictions, region_probabilities  # noqa: E402
-from ncd.preprocess import category_ranges, image_statistics, map_as_uint8, preprocess_manifest  # noqa: E402
-from ncd.synthetic import SyntheticSpec, write_dataset  # noqa: E402
+from ncd.infer.predict import TrainedModel, image_predictions, region_probabilities  # noqa: E402
+from ncd.preprocess.regions import category_ranges, image_statistics, map_as_uint8, preprocess_manifest  # noqa: E402
+from ncd.data.synthetic import SyntheticSpec, write_dataset  # noqa: E402
 
 SPEC = SyntheticSpec(categories=("plate",), images_per_family=6, normal_images=4, image_size=256, seed=21)
 NUM_BASE, NUM_NOVEL = 0, 6

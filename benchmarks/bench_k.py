@@ -11,7 +11,7 @@ estimated per category as ``train.per_category`` would (the demo: per product).
 Features (frozen, computed once per dataset and cached under the work folder):
 ``start``, the model before training (mask-guided CLS, what ``train.num_novel=auto``
 reads), and ``block6/mask_patch``, ``block8/mask_patch`` (DINOv2-S region-mask-weighted
-mean patch tokens, 112 px; ``ncd.features``). Criteria: every ``ncd.k_criteria.CRITERIA``
+mean patch tokens, 112 px; ``ncd.infer.features``). Criteria: every ``ncd.evaluate.k_criteria.CRITERIA``
 over ``infer.k_min..k_max`` with shared spherical k-means partitions per seed, and the
 GCD criterion (Vaze et al. 2022: the K whose k-means over labelled base rows and the rows
 together best recovers the base classes; Hungarian accuracy) with each base set at
@@ -39,13 +39,13 @@ from mtd_common import DEMO, prepare
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import ExperimentConfig, apply_overrides
-from ncd.features import frozen_region_features
-from ncd.k_criteria import CRITERIA, Partitions, l2_normalise
-from ncd.k_estimation import DEFAULT_CRITERION, estimate_k
-from ncd.metrics import cluster_metrics
+from ncd.infer.features import frozen_region_features
+from ncd.evaluate.k_criteria import CRITERIA, Partitions, l2_normalise
+from ncd.evaluate.k_estimation import DEFAULT_CRITERION, estimate_k
+from ncd.evaluate.metrics import cluster_metrics
 from ncd.model.backbone import load_backbone
 from ncd.pipeline import LOCAL_STAGES, base_set, category_groups, frozen_features, local_preprocess, true_k
-from ncd.splits import MTD_NORMAL_IMAGES
+from ncd.data.splits import MTD_NORMAL_IMAGES
 
 DEFAULT_DATASETS = ("../shared/datasets/mtd", "../shared/datasets/deeppcb", DEMO)
 BLOCKS = (6, 8)

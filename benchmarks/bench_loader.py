@@ -42,16 +42,16 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ncd.batch_augment import augment_batch  # noqa: E402
-from ncd.catalog import build_manifest  # noqa: E402
+from ncd.train.batch_augment import augment_batch  # noqa: E402
+from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import apply_overrides, load_config  # noqa: E402
-from ncd.crop_cache import CachedTwoViewDataset, CropCache  # noqa: E402
-from ncd.data import HalfHalfSampler, RegionSet, TwoViewDataset, build_training_set, training_loader  # noqa: E402
-from ncd.engine import parameter_groups, train_step, view_spec  # noqa: E402
+from ncd.train.crop_cache import CachedTwoViewDataset, CropCache  # noqa: E402
+from ncd.train.datasets import HalfHalfSampler, RegionSet, TwoViewDataset, build_training_set, training_loader  # noqa: E402
+from ncd.train.engine import parameter_groups, train_step, view_spec  # noqa: E402
 from ncd.methods import make_objective  # noqa: E402
 from ncd.model.ncd_model import build_ncd_model  # noqa: E402
-from ncd.preprocess import preprocess_manifest  # noqa: E402
-from ncd.synthetic import SyntheticSpec, write_dataset  # noqa: E402
+from ncd.preprocess.regions import preprocess_manifest  # noqa: E402
+from ncd.data.synthetic import SyntheticSpec, write_dataset  # noqa: E402
 
 BATCH = 32
 LOADER_SAMPLES = 96  # today's path is slow: a few batches suffice

@@ -1,4 +1,4 @@
-"""MEBin throughput: ``ncd.mebin.binarize_set`` against a straightforward reference loop.
+"""MEBin throughput: ``ncd.preprocess.mebin.binarize_set`` against a straightforward reference loop.
 
 Run with no arguments (one core, a few minutes at most):
 
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncd.config import MebinConfig  # noqa: E402
-from ncd.mebin import binarize_set  # noqa: E402
+from ncd.preprocess.mebin import binarize_set  # noqa: E402
 
 SIZES = (512, 1024)
 MAPS_PER_SIZE = 24
@@ -121,7 +121,7 @@ def main() -> None:
         counts = [r.count for r in results]
         print(
             f"{size}x{size}: {len(maps)} maps, est counts {counts}\n"
-            f"  ncd.mebin  {len(maps) / fast_s:9.1f} maps/s ({1000 * fast_s / len(maps):7.2f} ms/map)\n"
+            f"  ncd.preprocess.mebin  {len(maps) / fast_s:9.1f} maps/s ({1000 * fast_s / len(maps):7.2f} ms/map)\n"
             f"  reference  {len(maps) / ref_s:9.1f} maps/s ({1000 * ref_s / len(maps):7.2f} ms/map)\n"
             f"  speedup {ref_s / fast_s:.1f}x, parity {same}/{len(maps)}"
         )

@@ -12,7 +12,7 @@ normal), generated into the work folder, evaluated per product as ncd does). A n
 class (``MT_Free``, ``good``...) is sampled to ``--normal-images`` (191: MTD's protocol,
 METHOD.md 7.2); without one every defect image is used. ``--max-per-type N`` takes a
 seeded sample of N images per defect type. Anomaly maps (``--maps``): ``gt`` makes them
-from the gt masks (``ncd.gt_maps``: blurred, noisy, with false positives; no detector
+from the gt masks (``ncd.data.gt_maps``: blurred, noisy, with false positives; no detector
 is run, so the figures are not comparable one-to-one with published detector-map
 numbers), or a folder of a detector's maps laid out as the dataset.
 
@@ -32,7 +32,7 @@ K estimates (label-free, never from embeddings trained with the true K): each ar
 (its model before training, region level); ``baseline`` the silhouette on its strongest
 variant's image features. K in 2..12. Each arm also reports ``start_nmi``, k-means (true K)
 on its model's features before training, and ``gain_over_start``: a run that ends below
-its start says so here. A seed whose model collapsed (``ncd.health``) is listed in
+its start says so here. A seed whose model collapsed (``ncd.evaluate.health``) is listed in
 ``collapsed_seeds`` and printed as FAILED; its metrics stay in the mean.
 
 Last line: JSON with ``ncd``, ``proto``, ``baseline`` (``nmi``, ``ari``, ``f1``,
@@ -55,7 +55,7 @@ from mtd_common import METRICS, bench_parser, prepare_args, work_dir
 
 from ncd.config import ExperimentConfig, apply_overrides
 from ncd.pipeline import category_groups, discover, estimate_novel_k, frozen_features, local_preprocess
-from ncd.splits import type_counts
+from ncd.data.splits import type_counts
 
 ARMS = {
     "ncd": ["method=anomalyncd"],

@@ -23,8 +23,8 @@ import warnings
 from mtd_common import arm, bench_parser, prepare_args, work_dir
 
 from ncd.pipeline import LOCAL_STAGES, base_set
-from ncd.openset_eval import open_set_protocol
-from ncd.splits import is_normal_type
+from ncd.evaluate.openset_eval import open_set_protocol
+from ncd.data.splits import is_normal_type
 
 DEFAULTS = ["method=protoanomalyncd", "train.epochs=4", "loss.warmup_teacher_temp_epochs=3", "loss.repeat_times=1"]
 
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("ncd.model.backbone", "ncd.engine"):
+    for name in ("ncd.model.backbone", "ncd.train.engine"):
         logging.getLogger(name).setLevel(logging.WARNING)
     work = work_dir(args, "bench_openset_")
     t0 = time.perf_counter()

@@ -5,10 +5,10 @@ Run with no arguments (2 CPU cores, about five minutes):
     python benchmarks/bench_scaling.py
 
 A seeded synthetic dataset (2 categories, 384 px, 432 images) is preprocessed
-(MEBin + crops, both passes: ``ncd.preprocess.preprocess_manifest`` in this process,
+(MEBin + crops, both passes: ``ncd.preprocess.regions.preprocess_manifest`` in this process,
 ``ray_jobs.preprocess.run_preprocess(concurrency=n)`` on Ray) and its region table is
 labelled by a random-init ``vit_small_patch16_224`` at 112 px
-(``ncd.infer.forward_regions`` in this process, ``ray_jobs.infer.run_inference`` on
+(``ncd.infer.forward.forward_regions`` in this process, ``ray_jobs.infer.run_inference`` on
 Ray with ``n`` actors streaming the table from Parquet). Every process computes with
 one thread (torch, OpenCV, BLAS), so "n workers" is n busy cores.
 
@@ -54,17 +54,17 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ncd import io  # noqa: E402
-from ncd.catalog import build_manifest  # noqa: E402
+from ncd.data import io  # noqa: E402
+from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import ExperimentConfig, apply_overrides  # noqa: E402
-from ncd.data import eval_set  # noqa: E402
-from ncd.engine import view_spec  # noqa: E402
-from ncd.infer import forward_regions  # noqa: E402
+from ncd.train.datasets import eval_set  # noqa: E402
+from ncd.train.engine import view_spec  # noqa: E402
+from ncd.infer.forward import forward_regions  # noqa: E402
 from ncd.methods import build_model  # noqa: E402
-from ncd.predict import TrainedModel  # noqa: E402
-from ncd.preprocess import preprocess_manifest  # noqa: E402
-from ncd.region_table import read_regions  # noqa: E402
-from ncd.synthetic import SyntheticSpec, write_dataset  # noqa: E402
+from ncd.infer.predict import TrainedModel  # noqa: E402
+from ncd.preprocess.regions import preprocess_manifest  # noqa: E402
+from ncd.data.region_table import read_regions  # noqa: E402
+from ncd.data.synthetic import SyntheticSpec, write_dataset  # noqa: E402
 
 SPEC = SyntheticSpec(categories=("plate", "fabric"), images_per_family=40, normal_images=16, image_size=384, seed=7)
 NUM_CPUS = 2

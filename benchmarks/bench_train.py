@@ -1,6 +1,6 @@
 """Training-step cost against the bare model, in one run.
 
-A full step (``ncd.engine.train_step``: mask-guided forward of both views, every loss
+A full step (``ncd.train.engine.train_step``: mask-guided forward of both views, every loss
 of METHOD.md 5.4, backward, SGD step) is timed on one collated batch from the real
 data pipeline, and compared with the bare forward + backward of the same network
 (same weights and frozen blocks, no mask guidance, no heads' losses, no optimiser) on
@@ -26,15 +26,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ncd.catalog import build_manifest  # noqa: E402
+from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import apply_overrides, load_config  # noqa: E402
-from ncd.data import build_training_set, training_loader  # noqa: E402
-from ncd.engine import parameter_groups, train_step, view_spec  # noqa: E402
-from ncd.infer import autocast  # noqa: E402
+from ncd.train.datasets import build_training_set, training_loader  # noqa: E402
+from ncd.train.engine import parameter_groups, train_step, view_spec  # noqa: E402
+from ncd.infer.forward import autocast  # noqa: E402
 from ncd.methods import make_objective  # noqa: E402
 from ncd.model.ncd_model import build_ncd_model  # noqa: E402
-from ncd.preprocess import preprocess_manifest  # noqa: E402
-from ncd.synthetic import BASE_SPEC, SyntheticSpec, write_base_set, write_dataset  # noqa: E402
+from ncd.preprocess.regions import preprocess_manifest  # noqa: E402
+from ncd.data.synthetic import BASE_SPEC, SyntheticSpec, write_base_set, write_dataset  # noqa: E402
 
 
 def _regions(root, cfg):

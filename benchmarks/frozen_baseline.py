@@ -22,9 +22,9 @@ from mtd_common import METRICS, image_level
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import ExperimentConfig, apply_overrides
-from ncd.features import VIEWS, frozen_region_features
-from ncd.k_estimation import estimate_k, l2_normalise
-from ncd.metrics import per_category_metrics
+from ncd.infer.features import VIEWS, frozen_region_features
+from ncd.evaluate.k_estimation import estimate_k, l2_normalise
+from ncd.evaluate.metrics import per_category_metrics
 from ncd.model.backbone import load_backbone
 from ncd.model.weights import efficientnet
 
@@ -126,7 +126,7 @@ def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: in
 
 
 def k_estimate(regions: pa.Table, feats: np.ndarray, cfg: ExperimentConfig) -> dict[str, int]:
-    """Label-free K per category: ``infer.k_criterion`` (``ncd.k_estimation``, what ``--k auto``
+    """Label-free K per category: ``infer.k_criterion`` (``ncd.evaluate.k_estimation``, what ``--k auto``
     uses) on the variant's image features, K in ``infer.k_min..k_max``."""
     categories, _, x = image_features(regions, feats, cfg.infer.area_temperature)
     cats = np.asarray(categories)

@@ -16,12 +16,12 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ncd.catalog import build_manifest, catalog_mtd_images  # noqa: E402
+from ncd.data.catalog import build_manifest, catalog_mtd_images  # noqa: E402
 from ncd.config import ExperimentConfig, apply_overrides, load_config  # noqa: E402
-from ncd.gt_maps import write_gt_maps  # noqa: E402
-from ncd.io import DataError  # noqa: E402
-from ncd.merge import merge_regions  # noqa: E402
-from ncd.splits import MTD_NORMAL_IMAGES, evaluation_split  # noqa: E402
+from ncd.data.gt_maps import write_gt_maps  # noqa: E402
+from ncd.data.io import DataError  # noqa: E402
+from ncd.infer.merge import merge_regions  # noqa: E402
+from ncd.data.splits import MTD_NORMAL_IMAGES, evaluation_split  # noqa: E402
 
 SPLIT_SEED = 0
 DEMO = "demo"
@@ -41,7 +41,7 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
                         help="a folder of <Type>/Imgs/<stem>.jpg with <stem>.png masks, or 'demo' "
                              "(ncd's synthetic set, generated into the work folder)")
     parser.add_argument("--maps", default=MAPS_GT,
-                        help="'gt': detector-like maps made from the gt masks (ncd.gt_maps); 'detector': ncd's zero-shot "
+                        help="'gt': detector-like maps made from the gt masks (ncd.data.gt_maps); 'detector': ncd's zero-shot "
                              "detector's maps (ncd detect, written once into the work folder); or a folder of a "
                              "detector's maps as the catalog reads them (MTD-style: <maps>/[MTD/]<Type>/<stem>.<ext>, "
                              "as `ncd detect` writes them; demo: <maps>/<product>/<type>/<stem>.<ext>)")
@@ -73,8 +73,8 @@ class Dataset:
 def _demo(work: str) -> tuple[str, list[dict]]:
     """ncd's synthetic demo set (generic layout, its own maps in ``maps/``) under ``work/demo_data``:
     root and catalog rows."""
-    from ncd.catalog import catalog_generic
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.catalog import catalog_generic
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     root = f"{work}/demo_data"
     if not os.path.isdir(f"{root}/images"):

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncd import io
+from ncd.data import io
 from ncd.config import ConfigError, ExperimentConfig, load_config
-from ncd.health import CollapseError
-from ncd.io import DataError, StorageError
+from ncd.evaluate.health import CollapseError
+from ncd.data.io import DataError, StorageError
 
 log = logging.getLogger("ncd")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -157,7 +157,7 @@ def detect_config(args: argparse.Namespace) -> ExperimentConfig:
 # --- commands ----------------------------------------------------------------------------
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     spec = SyntheticSpec(seed=args.seed, image_size=args.size, images_per_family=args.per_family)
     root = write_dataset(args.out, spec)
@@ -173,7 +173,7 @@ def demo_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
 
     cfg = checked_config(args.config, args.overrides)
     table = build_manifest(cfg.data, cfg.s3)
@@ -189,8 +189,8 @@ def catalog_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from ncd.catalog import build_manifest
-    from ncd.region_table import update_regions
+    from ncd.data.catalog import build_manifest
+    from ncd.data.region_table import update_regions
 
     cfg = checked_config(args.config, args.overrides)
     t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ncd.evaluate import evaluate_predictions, metrics_markdown
+    from ncd.evaluate.predictions import evaluate_predictions, metrics_markdown
 
     table = io.read_table(args.predictions)
     result = evaluate_predictions(table, truth_column=args.truth_column, pred_column=args.pred_column)
@@ -225,9 +225,9 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_infer, local_train
-    from ncd.predict import save_model
-    from ncd.refine import refine_trained
-    from ncd.region_table import read_regions
+    from ncd.infer.predict import save_model
+    from ncd.train.refine import refine_trained
+    from ncd.data.region_table import read_regions
 
     cfg = checked_config(args.config, args.overrides)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)
@@ -309,8 +309,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 
 def _training_error() -> type[Exception]:
-    """``ncd.engine.TrainingError`` once training code is loaded (the CLI does not import torch up front)."""
-    engine = sys.modules.get("ncd.engine")
+    """``ncd.train.engine.TrainingError`` once training code is loaded (the CLI does not import torch up front)."""
+    engine = sys.modules.get("ncd.train.engine")
     return engine.TrainingError if engine else ConfigError
 
 

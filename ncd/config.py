@@ -38,7 +38,7 @@ class S3Config:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset to catalog (``ncd.catalog``)."""
+    """Which dataset to catalog (``ncd.data.catalog``)."""
 
     layout: str = "generic"  # generic | mvtec | mtd | realiad | manifest
     root: str = ""  # images root (generic: <root>/<category>/<type>/...)
@@ -139,7 +139,7 @@ class TrainConfig:
     kmeans_init: bool | str = "auto"  # FAISS k-means prototype init; auto: on in protoanomalyncd mode, off in anomalyncd (parity)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2  # only the newest N checkpoints are kept
-    on_stale_checkpoint: str = "restart"  # restart | error, for a checkpoint of other data or settings (ncd/checkpoint.py)
+    on_stale_checkpoint: str = "restart"  # restart | error, for a checkpoint of other data or settings (ncd/train/checkpoint.py)
     amp: bool = True  # bf16 autocast on CUDA only
 
 
@@ -152,14 +152,14 @@ class InferConfig:
     batch_size: int = 64
     k_min: int = 2  # K estimation range of train.num_novel=auto, both modes
     k_max: int = 12
-    k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.k_criteria.CRITERIA
+    k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.evaluate.k_criteria.CRITERIA
     collapse_share: float = 0.6  # a model whose largest cluster holds more of the images has collapsed
     on_collapse: str = "error"  # error (outputs written, then the run fails) | warn
 
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Neighbour-consistency refinement of the novel prototypes after training (ncd/refine.py)."""
+    """Neighbour-consistency refinement of the novel prototypes after training (ncd/train/refine.py)."""
 
     enabled: bool = True
     init: str = "kmeans"  # kmeans (of the trained model's region features) | head (the trained prototypes)
@@ -203,7 +203,7 @@ class TuneConfig:
     sup_weight: tuple[float, ...] = ()
     lr: tuple[float, ...] = ()
     teacher_temp: tuple[float, ...] = ()
-    metric: str = "k_score"  # k_score (label-free, ncd.selection) | nmi (needs gt)
+    metric: str = "k_score"  # k_score (label-free, ncd.evaluate.selection) | nmi (needs gt)
     grace_period: int = 2
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0

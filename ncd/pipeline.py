@@ -18,23 +18,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ncd import io
-from ncd.catalog import build_manifest
+from ncd.data import io
+from ncd.data.catalog import build_manifest
 from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, public_dict
-from ncd.data import eval_set
-from ncd.engine import LocalContext, train, view_spec
-from ncd.evaluate import evaluate_predictions, metrics_markdown, scored_text
-from ncd.health import CollapseError, cluster_health, collapse_message
-from ncd.infer import RegionOutputs, forward_regions
-from ncd.k_estimation import KEstimate, estimate_k
+from ncd.train.datasets import eval_set
+from ncd.train.engine import LocalContext, train, view_spec
+from ncd.evaluate.predictions import evaluate_predictions, metrics_markdown, scored_text
+from ncd.evaluate.health import CollapseError, cluster_health, collapse_message
+from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.evaluate.k_estimation import KEstimate, estimate_k
 from ncd.methods import build_model, guide_columns
-from ncd.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
+from ncd.infer.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
-from ncd.input_checks import input_checks, input_notes
-from ncd.io import DataError
-from ncd.refine import refine_summary, refine_trained
-from ncd.region_refs import is_light
-from ncd.region_table import REGIONS_DIR, read_regions, update_regions
+from ncd.preprocess.input_checks import input_checks, input_notes
+from ncd.data.io import DataError
+from ncd.train.refine import refine_summary, refine_trained
+from ncd.data.region_refs import is_light
+from ncd.data.region_table import REGIONS_DIR, read_regions, update_regions
 from ncd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
         return None
     if cfg.train.base_table != SYNTHETIC_BASE:
         return read_regions(cfg.train.base_table, cfg.s3)
-    from ncd.synthetic import write_base_set
+    from ncd.data.synthetic import write_base_set
 
     root = io.join(cfg.output, "base_data")
     if io.is_s3(root):
@@ -114,7 +114,7 @@ Infer = Callable[[TrainedModel, pa.Table], RegionOutputs]
 
 def frozen_features(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> np.ndarray:
     """Mask-guided CLS features of the pretrained backbone (before any training); for a
-    light table (crops in storage, ``ncd.region_refs``) computed by ``infer`` (a stage's)."""
+    light table (crops in storage, ``ncd.data.region_refs``) computed by ``infer`` (a stage's)."""
     torch.manual_seed(cfg.train.seed)  # the untrained head (and a random backbone) are reproducible too
     model = build_model(cfg, 0, 1)
     if is_light(regions):
@@ -141,7 +141,7 @@ def true_k(regions: pa.Table) -> int:
 
 def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> KEstimate:
     """K without labels from the frozen features of ``regions`` (the model before training),
-    by ``infer.k_criterion`` (``ncd.k_estimation``) over ``infer.k_min..k_max`` (both modes)."""
+    by ``infer.k_criterion`` (``ncd.evaluate.k_estimation``) over ``infer.k_min..k_max`` (both modes)."""
     feats = frozen_features(cfg, regions, infer)
     return estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
@@ -209,7 +209,7 @@ def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table,
 def with_detected_maps(cfg: ExperimentConfig, stages: Stages, progress: Callable[[str], None]) -> ExperimentConfig:
     """``cfg`` unchanged when the dataset has maps; else the built-in detector writes them
     to ``detect.output`` (default ``<output>/maps``) and ``data.maps`` points there."""
-    from ncd.catalog import layout_has_maps
+    from ncd.data.catalog import layout_has_maps
     from ncd.detect import detect_local, maps_root
 
     if layout_has_maps(cfg.data, cfg.s3):
@@ -313,7 +313,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
     metrics = evaluate_tables(region_pred, image_pred, k_info["k"] if len(groups) == 1
                               else {name: info["k"] for name, info in k_infos.items()})
     try:
-        from ncd.report import write_report
+        from ncd.evaluate.report import write_report
 
         write_report(out, image_predictions=image_pred, region_predictions=region_pred, regions=regions,
                      features=features, metrics=metrics, k_info=k_info, title=f"ncd discover: {cfg.name}", s3=s3,

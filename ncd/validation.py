@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from ncd.catalog import LAYOUTS
-from ncd.checkpoint import STALE_POLICIES
+from ncd.data.catalog import LAYOUTS
+from ncd.train.checkpoint import STALE_POLICIES
 from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, flat_dict, to_dict
-from ncd.crops import MERGE_MODES
-from ncd.data import AUGMENT_ON
-from ncd.k_criteria import CRITERIA
+from ncd.preprocess.crops import MERGE_MODES
+from ncd.train.datasets import AUGMENT_ON
+from ncd.evaluate.k_criteria import CRITERIA
 from ncd.methods import METHODS
 from ncd.proto.guidance import GUIDANCE_MODES
 from ncd.proto.object_prior import OBJECT_PRIORS

@@ -5,7 +5,7 @@ import argparse
 import logging
 import time
 
-from ncd import io
+from ncd.data import io
 from ncd.cli import discover_config
 from ncd.config import K_ORACLE, apply_overrides
 from ray_jobs.discover import run
@@ -16,7 +16,7 @@ FALLBACK_MODEL = ["model.backbone=vit_small_patch16_224", "model.weights=random"
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
     from ncd.model.weights import offline_backbone_available
 
     args.config = args.config or "demo"

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ncd.catalog import catalog_images
+from ncd.data.catalog import catalog_images
 from ncd.cli import Progress as ProgressLine, add_detect_arguments, detect_config
 from ncd.config import DetectConfig, ExperimentConfig, S3Config, absolute_paths, redacted_s3
 from ncd.detect.features import PatchFeatureExtractor

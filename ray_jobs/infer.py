@@ -22,16 +22,16 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
-from ncd.data import eval_set
-from ncd.engine import view_spec
+from ncd.train.datasets import eval_set
+from ncd.train.engine import view_spec
 from ncd.methods import guide_columns
-from ncd.infer import RegionOutputs, forward_regions
-from ncd.io import DataError, StorageError
-from ncd.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
-from ncd.region_refs import is_light, source_of, table_parts
-from ncd.region_table import ORDER_COLUMNS, canonical_order, table_files
+from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.data.io import DataError, StorageError
+from ncd.infer.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
+from ncd.data.region_refs import is_light, source_of, table_parts
+from ncd.data.region_table import ORDER_COLUMNS, canonical_order, table_files
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def run_inference(trained: TrainedModel, regions: pa.Table | str, num_actors: in
     """Features and per-head logits of every region, computed by ``num_actors`` actors.
 
     ``regions`` is an in-memory table (outputs in its row order; a light table,
-    ``ncd.region_refs``, has its crops read from its source by the workers) or the URI of a region
+    ``ncd.data.region_refs``, has its crops read from its source by the workers) or the URI of a region
     table, local or ``s3://`` (read by the workers, only the columns the model needs;
     outputs in the canonical order ``image_id, region_index``, as ``read_regions``).
     Only the features and logits come back to the driver.
@@ -177,7 +177,7 @@ def _ordered_outputs(batches: list[dict[str, np.ndarray]], keys: tuple[str, ...]
 
 def main(argv: list[str] | None = None) -> None:
     from ncd.pipeline import write_predictions
-    from ncd.predict import image_predictions, region_predictions, region_probabilities
+    from ncd.infer.predict import image_predictions, region_predictions, region_probabilities
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt written by ncd discover / ncd train")

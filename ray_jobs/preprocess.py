@@ -1,10 +1,10 @@
 """Ray Data preprocessing: MEBin + crops sharded over workers.
 
-Incremental and resumable: ``ncd.region_table.plan_preprocess`` compares the manifest with
+Incremental and resumable: ``ncd.data.region_table.plan_preprocess`` compares the manifest with
 the completion records of the region table (``<preprocess.output>/regions/<category>/``)
 and only the categories whose images or settings changed are processed. Pass 1 maps
 their images to map statistics and reduces them per category (the MEBin search range);
-pass 2 runs ``ncd.region_table.process_part`` over batches with ``map_batches``: each task
+pass 2 runs ``ncd.data.region_table.process_part`` over batches with ``map_batches``: each task
 writes its category's Parquet part into a staging folder and returns a one-line summary.
 The driver streams those summaries and publishes each category (atomic move + record)
 as soon as all of its images are in, so a run stopped part-way keeps the categories it
@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from ncd import io
-from ncd.catalog import build_manifest
+from ncd.data import io
+from ncd.data.catalog import build_manifest
 from ncd.config import ExperimentConfig, absolute_paths, redacted
-from ncd.preprocess import CategoryRange, category_ranges, check_categories, image_statistics
-from ncd.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
+from ncd.preprocess.regions import CategoryRange, category_ranges, check_categories, image_statistics
+from ncd.data.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)
 from ray_jobs.session import add_job_arguments, start_job
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import pyarrow.fs as pafs
 
-from ncd import io
+from ncd.data import io
 from ncd.cli import checked_config, console_logging
 from ncd.config import ExperimentConfig, S3Config, redacted_s3
 

@@ -1,4 +1,4 @@
-"""Ray Train entrypoint: ``ncd.engine.train`` under DDP with ``TorchTrainer``.
+"""Ray Train entrypoint: ``ncd.train.engine.train`` under DDP with ``TorchTrainer``.
 
     python -m ray_jobs.train --config demo_smoke --regions outputs/demo_smoke/regions \
         --num-workers 2 [--use-gpu] [--set train.epochs=4]
@@ -25,14 +25,14 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
-from ncd import checkpoint as ckpt
-from ncd import io
+from ncd.train import checkpoint as ckpt
+from ncd.data import io
 from ncd.config import ConfigError, ExperimentConfig, S3Config, absolute_paths, from_dict, public_dict
-from ncd.engine import train
-from ncd.io import DataError
+from ncd.train.engine import train
+from ncd.data.io import DataError
 from ncd.pipeline import choose_k
-from ncd.region_refs import is_light, light_regions, read_rows, source_of
-from ncd.region_table import read_regions
+from ncd.data.region_refs import is_light, light_regions, read_rows, source_of
+from ncd.data.region_table import read_regions
 from ncd.validation import validate
 from ray_jobs.infer import ray_inference
 from ray_jobs.session import add_job_arguments, run_storage, start_job
@@ -75,7 +75,7 @@ def result_state(result: ray.train.Result, s3: S3Config | None = None) -> dict[s
 
 
 class RayTrainContext:
-    """``ncd.engine.RunContext`` on a Ray Train worker; every report carries ``novel_regions``,
+    """``ncd.train.engine.RunContext`` on a Ray Train worker; every report carries ``novel_regions``,
     the number of unlabelled regions this worker trains on. Ray keeps the newest
     ``train.keep_checkpoints``."""
 
@@ -110,7 +110,7 @@ def stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
 
 
 def light_stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
-    """``stored_regions`` without the crops (``ncd.region_refs.light_regions``)."""
+    """``stored_regions`` without the crops (``ncd.data.region_refs.light_regions``)."""
     novel = light_regions(regions_uri, cfg.s3)
     if cfg.data.categories:
         novel = novel.filter(pc.is_in(novel.column("category"), pa.array(list(cfg.data.categories))))
@@ -119,7 +119,7 @@ def light_stored_regions(cfg: ExperimentConfig, regions_uri: str) -> pa.Table:
 
 def hand_over(table: pa.Table) -> Any:
     """What goes to the workers for a table: the table itself (an object ref), or for a
-    light table (``ncd.region_refs``) its source URI and region ids, so that its crops go
+    light table (``ncd.data.region_refs``) its source URI and region ids, so that its crops go
     from storage to the workers and never through the driver."""
     if is_light(table):
         return {"uri": source_of(table), "region_ids": ray.put(table.column("region_id").combine_chunks())}

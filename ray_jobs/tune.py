@@ -2,10 +2,10 @@
 
     python -m ray_jobs.tune --config demo --set tune.k_values=4,5,6,7 --set tune.memax_weight=2,4
 
-Each trial is the shared training loop (``ncd.engine.train``) with the trial's values
+Each trial is the shared training loop (``ncd.train.engine.train``) with the trial's values
 applied as ``--set`` keys, on exactly the region tables ``run_tune`` was handed (through
 the object store). Selection is label-free by default: ``k_score``
-(``ncd.selection.cluster_score``: the cosine silhouette of the region features under
+(``ncd.evaluate.selection.cluster_score``: the cosine silhouette of the region features under
 the model's own partition; in ProtoAnomalyNCD mode the prototype score of its trained
 prototypes), reported every epoch and computed identically for every trial,
 whatever its loss weights, temperatures or K; ASHA prunes on it when more than a K grid
@@ -30,19 +30,19 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ncd import checkpoint as ckpt
-from ncd import io
+from ncd.train import checkpoint as ckpt
+from ncd.data import io
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict,
                         public_dict)
-from ncd.data import base_classes
-from ncd.engine import train
-from ncd.metrics import cluster_metrics
+from ncd.train.datasets import base_classes
+from ncd.train.engine import train
+from ncd.evaluate.metrics import cluster_metrics
 from ncd.model.heads import select_head
 from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
-from ncd.predict import TrainedModel, image_predictions, region_probabilities
-from ncd.region_refs import full_rows
-from ncd.region_table import REGIONS_DIR, read_regions
-from ncd.selection import cluster_score, score_sample
+from ncd.infer.predict import TrainedModel, image_predictions, region_probabilities
+from ncd.data.region_refs import full_rows
+from ncd.data.region_table import REGIONS_DIR, read_regions
+from ncd.evaluate.selection import cluster_score, score_sample
 from ncd.validation import validate
 from ray_jobs.session import add_job_arguments, run_storage, start_job
 from ray_jobs.train import newest_checkpoint, report_checkpoint
@@ -65,7 +65,7 @@ def _cluster_loss(metrics: dict[str, Any]) -> float:
 
 
 class TuneContext:
-    """``ncd.engine.RunContext`` inside a Tune trial (one process, the trial's device); every
+    """``ncd.train.engine.RunContext`` inside a Tune trial (one process, the trial's device); every
     epoch's report carries ``k_score`` of the model as it stands, on ``score_regions``."""
 
     rank, world_size = 0, 1

@@ -2,7 +2,7 @@
 
 The S3 server is moto's standalone server (``python -m moto.server``), run as a separate
 process for the whole session and started only when a test asks for it; tests talk to it
-over HTTP through ``ncd.io`` (pyarrow) and boto3, exactly as they would to MinIO or Ceph.
+over HTTP through ``ncd.data.io`` (pyarrow) and boto3, exactly as they would to MinIO or Ceph.
 Nothing in boto3 or pyarrow is patched. Any test (``tests/s3``, ``tests/ray``) can use it::
 
     def test_x(s3_server):                       # the server, its S3Config and bucket
@@ -12,7 +12,7 @@ Nothing in boto3 or pyarrow is patched. Any test (``tests/s3``, ``tests/ray``) c
     def test_y(s3_prefix, s3_config):             # a fresh s3:// prefix per test
         ...
 
-``s3_server.config`` is all ``ncd.io`` needs in the test process; Ray workers get the
+``s3_server.config`` is all ``ncd.data.io`` needs in the test process; Ray workers get the
 endpoint from the experiment config (``cfg.s3``) and the credentials from their
 environment (``ray_local`` puts the test keys in the runtime env), never from a config.
 """
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -43,7 +43,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A tiny synthetic dataset in the generic layout (2 categories)."""
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     root = tmp_path_factory.mktemp("demo")
     return write_dataset(root, SyntheticSpec(images_per_family=3, normal_images=3, image_size=96, seed=1))
@@ -83,7 +83,7 @@ class S3Server:
     """A running S3-compatible server with one bucket."""
 
     endpoint_url: str  # http://127.0.0.1:PORT
-    config: S3Config  # what ncd.io needs to reach it
+    config: S3Config  # what ncd.data.io needs to reach it
     bucket: str
 
     def uri(self, *parts: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
 
 

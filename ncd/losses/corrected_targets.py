@@ -24,7 +24,7 @@ def corrected_targets(
     Args:
         teacher_logits: (n, C) logits; detached here (the teacher is the same forward).
         num_base: L, the number of base (labelled) classes; ``C > L``.
-        teacher_temp: tau_t for this epoch (``ncd.schedules.teacher_temperature_schedule``).
+        teacher_temp: tau_t for this epoch (``ncd.train.schedules.teacher_temperature_schedule``).
         scores: (n,) crop scores in [0, 1], one per row.
         anomaly_thred: 0.5 upstream; -1 disables the correction.
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ncd import dist as ncd_dist
+from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.info_nce import info_nce
@@ -66,7 +66,7 @@ def ncd_criterion(
         cfg: weights and temperatures (``sup_weight``, ``memax_weight``,
             ``anomaly_thred``, ``student_temp``, ``supcon_temp``, ``infonce_temp``).
         gather: global-batch contrastive terms and global row normalisation for DDP
-            (``ncd.dist``); a no-op in one process.
+            (``ncd.train.dist``); a no-op in one process.
 
     Returns:
         ``loss`` (scalar, differentiable); the head means ``cls``, ``distill``, ``memax``,

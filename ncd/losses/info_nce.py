@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd import dist as ncd_dist
+from ncd.train import dist as ncd_dist
 
 
 def info_nce_logits(proj: Tensor, temperature: float, gather: bool = False) -> tuple[Tensor, Tensor]:
@@ -65,7 +65,7 @@ def info_nce(proj: Tensor, temperature: float, gather: bool = False) -> Tensor:
     Args:
         proj: (2b, d) view-major projections (see :func:`info_nce_logits`).
         temperature: 1.0 upstream.
-        gather: global batch and global row normalisation (``ncd.dist``).
+        gather: global batch and global row normalisation (``ncd.train.dist``).
 
     Returns:
         Scalar.

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from ncd.dist import all_gather_with_grad
+from ncd.train.dist import all_gather_with_grad
 
 
 def mean_entropy(logits: Tensor, student_temp: float, gather: bool = False) -> Tensor:
@@ -18,7 +18,7 @@ def mean_entropy(logits: Tensor, student_temp: float, gather: bool = False) -> T
         logits: (n, C) logits of the unlabelled rows (both views).
         student_temp: tau_s (0.1).
         gather: average the probabilities over the global batch
-            (``ncd.dist.all_gather_with_grad``); every rank then returns the same value.
+            (``ncd.train.dist.all_gather_with_grad``); every rank then returns the same value.
 
     Returns:
         Scalar. NaN for n == 0 (globally, with ``gather``).

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd.dist import global_row_mean
+from ncd.train.dist import global_row_mean
 
 
 def self_distillation(
@@ -26,7 +26,7 @@ def self_distillation(
         teacher_targets: (2B, C) target distributions (``corrected_targets``), same
             layout; treated as constants.
         student_temp: tau_s (0.1).
-        gather: normalise by the global row count (``ncd.dist.global_row_mean``).
+        gather: normalise by the global row count (``ncd.train.dist.global_row_mean``).
 
     Returns:
         Scalar. NaN for B == 0 without ``gather``.

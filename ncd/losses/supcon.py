@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd import dist as ncd_dist
+from ncd.train import dist as ncd_dist
 
 
 def supcon(
@@ -30,7 +30,7 @@ def supcon(
         temperature: tau (0.07).
         base_temperature: tau_base (0.07).
         gather: contrast against all ranks' labelled views; normalise by the global
-            anchor count (``ncd.dist``). Ranks may hold different n, also 0.
+            anchor count (``ncd.train.dist``). Ranks may hold different n, also 0.
 
     Returns:
         Scalar. NaN for n == 0 without ``gather``.

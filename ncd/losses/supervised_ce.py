@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd.dist import global_row_mean
+from ncd.train.dist import global_row_mean
 
 
 def supervised_ce(logits_lab: Tensor, labels: Tensor, student_temp: float, gather: bool = False) -> Tensor:
@@ -16,7 +16,7 @@ def supervised_ce(logits_lab: Tensor, labels: Tensor, student_temp: float, gathe
         logits_lab: (n, C) head logits of the labelled rows (both views).
         labels: (n,) long, base class indices in [0, L).
         student_temp: tau_s (0.1).
-        gather: normalise by the global row count (``ncd.dist.global_row_mean``).
+        gather: normalise by the global row count (``ncd.train.dist.global_row_mean``).
 
     Returns:
         Scalar. NaN for n == 0 without ``gather``.

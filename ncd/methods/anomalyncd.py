@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ncd.config import ExperimentConfig
-from ncd.k_criteria import cosine_silhouette, l2_normalise
+from ncd.evaluate.k_criteria import cosine_silhouette, l2_normalise
 from ncd.losses.criterion import ncd_criterion
 from ncd.methods.base import Method, StepLoss
 from ncd.model.ncd_model import NCDModel, build_ncd_model

@@ -10,7 +10,7 @@ import torch
 
 from ncd.config import ExperimentConfig
 from ncd.model.ncd_model import NCDModel
-from ncd.schedules import teacher_temperature_schedule
+from ncd.train.schedules import teacher_temperature_schedule
 
 # objective(model output, batch, epoch, gather) -> loss parts (``loss``, ``cluster_per_head``, ...)
 Objective = Callable[[dict[str, Any], dict[str, torch.Tensor], int, bool], dict[str, torch.Tensor]]

@@ -165,7 +165,7 @@ def read_weight_file(
     """The state dict stored at a local path or ``s3://`` URI (see :func:`extract_state_dict`)."""
     if uri.startswith("s3://"):
         if read_bytes is None:
-            from ncd.io import read_bytes as io_read_bytes
+            from ncd.data.io import read_bytes as io_read_bytes
 
             def read_bytes(u: str) -> bytes:
                 return io_read_bytes(u, s3)
@@ -219,8 +219,8 @@ def load_backbone(
         cfg: model section (``backbone``, ``weights``, ``image_size``, ``keep_blocks``,
             ``reinit_top_blocks``; ``mask_layers`` / ``grad_from_block`` are checked
             against ``keep_blocks``).
-        s3: endpoint for ``s3://`` weights (used by ``ncd.io.read_bytes``).
-        read_bytes: ``uri -> bytes`` for ``s3://`` weights; default ``ncd.io.read_bytes``.
+        s3: endpoint for ``s3://`` weights (used by ``ncd.data.io.read_bytes``).
+        read_bytes: ``uri -> bytes`` for ``s3://`` weights; default ``ncd.data.io.read_bytes``.
         model_kwargs: extra ``timm.create_model`` arguments (tiny test models).
 
     Raises:

@@ -15,7 +15,7 @@ into the centroid score were not readable here. ncd's reading, documented as suc
   Prototypes that no row chooses are ignored (a trained model may leave some unused);
   K = 1 scores 0;
 - accuracy score: Hungarian-matched accuracy of the labelled rows
-  (:func:`ncd.metrics.cluster_metrics` ``f1``), in [0, 1];
+  (:func:`ncd.evaluate.metrics.cluster_metrics` ``f1``), in [0, 1];
 - prototype score = accuracy + centroid score; without labelled rows, the centroid
   score alone (AnomalyNCD runs often have no labelled base set).
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ncd.cluster.kmeans import kmeans
-from ncd.metrics import cluster_metrics
+from ncd.evaluate.metrics import cluster_metrics
 
 UNLABELLED = -1
 _NORM_EPS = 1e-12

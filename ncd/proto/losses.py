@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd import dist as ncd_dist
+from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig, ProtoConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.criterion import supervised_terms
@@ -212,7 +212,7 @@ def proto_criterion(
         prototypes: (n_head, C, D) (or (C, D) shared) prototypes of the heads.
         hard_ratio: DAPL's r for this epoch (:func:`hard_ratio_schedule`).
         proto_cfg: ``kappa``, ``entropy_weight``, ``separation_weight``, ``separation_temp``.
-        gather: global-batch terms for DDP (``ncd.dist``); a no-op in one process.
+        gather: global-batch terms for DDP (``ncd.train.dist``); a no-op in one process.
 
     Returns:
         ``loss``; detached means ``cls``, ``distill``, ``entropy``, ``separation``,

@@ -12,7 +12,7 @@ The paper segments the product with Grounded SAM. ncd makes the source pluggable
 
 Masks are uint8 0/255 at the image size. :func:`crop_object_mask` and
 :func:`crop_anomaly_map` cut them with a region's box, padding with 0 outside the
-image exactly like the region crops (``ncd.crops``).
+image exactly like the region crops (``ncd.preprocess.crops``).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ncd import io
-from ncd.crops import padded_crop
+from ncd.data import io
+from ncd.preprocess.crops import padded_crop
 from ncd.config import ProtoConfig, S3Config
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 OBJECT_PRIORS = ("none", "folder", "column", "auto")
 OBJECT_MASK_COLUMN = "object_mask_uri"

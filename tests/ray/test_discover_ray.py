@@ -1,7 +1,7 @@
 import pytest
 
 from ncd.config import load_config
-from ncd.io import read_table
+from ncd.data.io import read_table
 from ncd.pipeline import discover
 
 pytestmark = pytest.mark.ray

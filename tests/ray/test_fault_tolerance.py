@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import ExperimentConfig, apply_overrides, load_config
-from ncd.checkpoint import CHECKPOINT_FILE, load
-from ncd.preprocess import preprocess_manifest
-from ncd.region_table import read_completion, read_regions, update_regions, write_regions
+from ncd.train.checkpoint import CHECKPOINT_FILE, load
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.region_table import read_completion, read_regions, update_regions, write_regions
 
 pytestmark = pytest.mark.ray
 
@@ -167,7 +167,7 @@ CATEGORIES = ("fabric", "plate")
 @pytest.fixture
 def tiny_root(tmp_path):
     """A private 12-image dataset (the tests add and damage files in it)."""
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     return write_dataset(tmp_path / "data", SyntheticSpec(categories=CATEGORIES, images_per_family=1,
                                                           normal_images=1, image_size=64, seed=3))

@@ -4,17 +4,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import apply_overrides, load_config
-from ncd.data import eval_set
-from ncd.engine import view_spec
-from ncd.infer import forward_regions
+from ncd.train.datasets import eval_set
+from ncd.train.engine import view_spec
+from ncd.infer.forward import forward_regions
 from ncd.methods import build_model
 from ncd.pipeline import choose_k
-from ncd.predict import TrainedModel
-from ncd.preprocess import preprocess_manifest
-from ncd.region_refs import full_rows, is_light, light_regions
-from ncd.region_table import write_regions
+from ncd.infer.predict import TrainedModel
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.region_refs import full_rows, is_light, light_regions
+from ncd.data.region_table import write_regions
 
 pytestmark = pytest.mark.ray
 

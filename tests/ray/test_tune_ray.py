@@ -1,11 +1,11 @@
 import pytest
 import yaml
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.io import read_table
-from ncd.preprocess import preprocess_manifest
-from ncd.region_table import write_regions
+from ncd.data.io import read_table
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.region_table import write_regions
 
 pytestmark = pytest.mark.ray
 

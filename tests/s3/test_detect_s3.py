@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ncd import io
-from ncd.catalog import build_manifest
+from ncd.data import io
+from ncd.data.catalog import build_manifest
 from ncd.config import DataConfig, load_config
 from ncd.detect import detect_local
 

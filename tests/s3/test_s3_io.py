@@ -1,4 +1,4 @@
-"""ncd.io and the catalog against a real S3-compatible server on loopback (moto)."""
+"""ncd.data.io and the catalog against a real S3-compatible server on loopback (moto)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ncd import io
-from ncd.catalog import build_manifest
-from ncd.catalog_realiad import catalog_realiad
+from ncd.data import io
+from ncd.data.catalog import build_manifest
+from ncd.data.catalog_realiad import catalog_realiad
 from ncd.config import DataConfig, S3Config
-from ncd.io import StorageError
+from ncd.data.io import StorageError
 
 pytestmark = pytest.mark.s3
 
@@ -232,8 +232,8 @@ def test_realiad_catalog_on_s3_equals_local(tmp_path, s3_server, s3_prefix, s3_c
 
 
 def test_malicious_model_file_on_s3_is_refused_naming_it(s3_prefix, s3_config, tmp_path, malicious_model_bytes):
-    from ncd.checkpoint import ModelFileError
-    from ncd.predict import load_model
+    from ncd.train.checkpoint import ModelFileError
+    from ncd.infer.predict import load_model
 
     sentinel = tmp_path / "pwned"
     uri = f"{s3_prefix}/model.pt"
@@ -244,7 +244,7 @@ def test_malicious_model_file_on_s3_is_refused_naming_it(s3_prefix, s3_config, t
 
 
 def test_checkpoint_folder_on_s3_keeps_the_newest_and_sets_them_aside(s3_prefix, s3_config):
-    from ncd.checkpoint import CheckpointFolder
+    from ncd.train.checkpoint import CheckpointFolder
 
     root = f"{s3_prefix}/checkpoints"
     folder = CheckpointFolder(root, s3_config, keep=2)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from ncd.augment import ViewSpec
-from ncd.batch_augment import augment_batch
-from ncd.crop_cache import CachedTwoViewDataset, CropCache
-from ncd.data import HalfHalfSampler, RegionSet, TwoViewDataset, training_loader
+from ncd.train.augment import ViewSpec
+from ncd.train.batch_augment import augment_batch
+from ncd.train.crop_cache import CachedTwoViewDataset, CropCache
+from ncd.train.datasets import HalfHalfSampler, RegionSet, TwoViewDataset, training_loader
 
 SPEC = ViewSpec(size=32, crop_pct=0.875)
 

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import DataConfig
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 MTD_ROOT = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mtd"
 
@@ -150,8 +150,8 @@ def test_mtd_layout_takes_any_type_folder(tmp_path):
 
 def test_gt_maps_pair_with_an_mtd_style_folder(tmp_path):
     """Maps made from the gt masks of a folder without the MT_ prefix pair with every image."""
-    from ncd.catalog import catalog_mtd_images
-    from ncd.gt_maps import write_gt_maps
+    from ncd.data.catalog import catalog_mtd_images
+    from ncd.data.gt_maps import write_gt_maps
 
     root = tmp_path / "pcb"
     for typ in ("Open", "Spur"):

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ncd.catalog import MANIFEST_SCHEMA
-from ncd.catalog_realiad import REALIAD_DEFECTS, catalog_realiad, sample_key, view_of
-from ncd.io import DataError
+from ncd.data.catalog import MANIFEST_SCHEMA
+from ncd.data.catalog_realiad import REALIAD_DEFECTS, catalog_realiad, sample_key, view_of
+from ncd.data.io import DataError
 
 TS = "20231001120000"
 OBJECTS = ("audiojack", "toy_brick")

@@ -2,7 +2,7 @@ import json
 
 import pyarrow as pa
 
-from ncd.io import read_table, write_table
+from ncd.data.io import read_table, write_table
 from ray_jobs.cli import main
 
 
@@ -90,8 +90,8 @@ def test_train_saves_the_refined_prototypes(demo_root, tmp_path):
 
     from ncd.config import apply_overrides
     from ncd.pipeline import local_infer
-    from ncd.predict import load_model
-    from ncd.refine import refine_trained
+    from ncd.infer.predict import load_model
+    from ncd.train.refine import refine_trained
 
     common = ["--config", "demo_smoke", "--set", f"data.root={demo_root}", "--set", f"preprocess.output={tmp_path}",
               "--set", "data.categories=plate", "--set", "train.epochs=1", "--set", "train.num_novel=3"]

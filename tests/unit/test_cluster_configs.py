@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ncd.catalog import LAYOUTS
+from ncd.data.catalog import LAYOUTS
 from ncd.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]

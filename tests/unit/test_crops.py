@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ncd.config import CropConfig
-from ncd.crops import (
+from ncd.preprocess.crops import (
     box_gap,
     crop_boxes,
     crop_regions,

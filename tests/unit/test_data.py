@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import torch
 
-from ncd.augment import ViewSpec, eval_view, train_view
-from ncd.data import HalfHalfSampler, RegionSet, TwoViewDataset, sampling_weights, training_loader
+from ncd.train.augment import ViewSpec, eval_view, train_view
+from ncd.train.datasets import HalfHalfSampler, RegionSet, TwoViewDataset, sampling_weights, training_loader
 
 
 def test_sampler_expected_half_labelled():

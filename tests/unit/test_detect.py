@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from ncd import io
-from ncd.catalog import build_manifest, catalog_images
+from ncd.data import io
+from ncd.data.catalog import build_manifest, catalog_images
 from ncd.config import DataConfig, DetectConfig, load_config
 from ncd.detect import Features, detect_category, detect_local, plan_detection, write_detector_maps
 from ncd.detect.run import reference_sample, stratified_subsets
 from ncd.detect.scoring import _faiss_rows, _exact_rows, bank_scores, mutual_scores, rescore, smallest_count
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 TINY = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2)
 TINY_DETECT = ["detect.weights=random", "detect.backbone=vit_tiny_patch16_224", "detect.image_size=32",
@@ -218,7 +218,7 @@ def test_detect_writes_maps_the_catalog_pairs_and_is_deterministic(demo_root, tm
 
 def test_write_detector_maps_for_the_mtd_layout(tmp_path):
     """The benchmark's entry point: MTD-style rows -> maps ``catalog_mtd`` reads."""
-    from ncd.catalog import catalog_mtd_images
+    from ncd.data.catalog import catalog_mtd_images
 
     rng = np.random.default_rng(0)
     for typ, n in (("MT_Free", 3), ("MT_Crack", 3)):

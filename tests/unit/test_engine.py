@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.engine import LocalContext, train
-from ncd.preprocess import preprocess_manifest
-from ncd.synthetic import SyntheticSpec, write_base_set, write_dataset
+from ncd.train.engine import LocalContext, train
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.synthetic import SyntheticSpec, write_base_set, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def tables(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine")
     root = write_dataset(d / "novel", SyntheticSpec(categories=("plate",), images_per_family=4, normal_images=4,
                                                     image_size=64, seed=2))
-    from ncd.synthetic import BASE_SPEC
+    from ncd.data.synthetic import BASE_SPEC
     import dataclasses
 
     base_root = write_base_set(d / "base", dataclasses.replace(BASE_SPEC, images_per_family=3, image_size=64))
@@ -163,7 +163,7 @@ def test_resume_skips_a_truncated_or_planted_latest_checkpoint(tables, tmp_path,
 def test_an_epoch_of_skipped_batches_is_an_error_not_a_result(tables, tmp_path):
     """Batches of one row never hold labelled and unlabelled rows together: nothing trains,
     so there must be no model and no checkpoint to report."""
-    from ncd.engine import TrainingError
+    from ncd.train.engine import TrainingError
 
     novel, base = tables
     cfg = _cfg("train.epochs=1", "train.batch_size=1", "train.kmeans_init=false", "train.checkpoint_every=1")
@@ -173,7 +173,7 @@ def test_an_epoch_of_skipped_batches_is_an_error_not_a_result(tables, tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_naming_epoch_and_step(tables, tmp_path):
-    from ncd.engine import TrainingError
+    from ncd.train.engine import TrainingError
 
     novel, base = tables
     cfg = _cfg("train.epochs=2", "loss.infonce_temp=1e-45", "train.checkpoint_every=1")  # logits / 0 -> inf
@@ -198,7 +198,7 @@ def test_training_refuses_invalid_config_and_unresolved_k(tables):
 def test_train_step_never_synchronises_with_the_device(method):
     """A step only enqueues work: any host-device synchronisation (a boolean-mask
     selection, an indexed write, a pageable copy) stalls the kernel launches behind it."""
-    from ncd.engine import parameter_groups, train_step
+    from ncd.train.engine import parameter_groups, train_step
     from ncd.methods import build_model, guide_columns, make_objective
 
     dev = torch.device("cuda")

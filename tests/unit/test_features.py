@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
-from ncd.features import frozen_region_features, mask_weights, resize_view, weighted_mean
-from ncd.augment import ViewSpec
+from ncd.infer.features import frozen_region_features, mask_weights, resize_view, weighted_mean
+from ncd.train.augment import ViewSpec
 
 PATCH, SIDE = 8, 32  # a 4 x 4 patch grid
 

@@ -1,9 +1,9 @@
-"""Label-free collapse detection (ncd.health)."""
+"""Label-free collapse detection (ncd.evaluate.health)."""
 from __future__ import annotations
 
 import numpy as np
 
-from ncd.health import cluster_health, collapse_message
+from ncd.evaluate.health import cluster_health, collapse_message
 
 
 def test_balanced_partition_is_healthy():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def test_import_ncd_does_not_import_ray():
-    code = ("import sys, ncd, ncd.config, ncd.io, ncd.catalog, ncd.preprocess, ncd.mebin, ncd.crops, ncd.metrics;"
+    code = ("import sys, ncd, ncd.config, ncd.data.io, ncd.data.catalog, ncd.preprocess.regions, ncd.preprocess.mebin, ncd.preprocess.crops, ncd.evaluate.metrics;"
             "import pkgutil, importlib;"
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(ncd.__path__, 'ncd.')];"
             "print('ray' in sys.modules)")

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pytest
 import tifffile
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
-from ncd.io import DataError, StorageError
+from ncd.data.io import DataError, StorageError
 
 
 def test_map_formats_round_trip(tmp_path):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import silhouette_score
 
-from ncd.k_criteria import CRITERIA
-from ncd.k_estimation import DEFAULT_CRITERION, cosine_silhouette, estimate_k, l2_normalise
+from ncd.evaluate.k_criteria import CRITERIA
+from ncd.evaluate.k_estimation import DEFAULT_CRITERION, cosine_silhouette, estimate_k, l2_normalise
 
 
 def _blobs(k, n_per, dim=32, spread=0.08, seed=0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ncd import dist as ncd_dist
+from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig
 from ncd.losses import (
     corrected_targets,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ncd.config import MebinConfig
-from ncd.mebin import (
+from ncd.preprocess.mebin import (
     MebinResult,
     binarize,
     binarize_set,
@@ -483,7 +483,7 @@ def _blob_map(rng: np.random.Generator, peak: int, shape=(64, 64)) -> np.ndarray
 
 
 def test_peak_outliers_flags_a_saturated_and_an_empty_map():
-    from ncd.mebin import peak_outliers
+    from ncd.preprocess.mebin import peak_outliers
 
     peaks = [118, 120, 121, 125, 119, 130, 255, 0]
     assert peak_outliers(peaks) == [6, 7]
@@ -494,7 +494,7 @@ def test_peak_outliers_flags_a_saturated_and_an_empty_map():
 def test_excluding_a_saturated_map_keeps_the_other_maps_segmentation():
     """One saturated map widens its category's MEBin range and so changes every other
     map's mask; it is flagged, and ``exclude_outliers`` restores the others' masks."""
-    from ncd.preprocess import category_ranges
+    from ncd.preprocess.regions import category_ranges
 
     rng = np.random.default_rng(3)
     maps = {f"m{i}": _blob_map(rng, int(rng.integers(110, 131))) for i in range(7)}

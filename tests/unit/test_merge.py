@@ -1,11 +1,11 @@
-"""ncd.merge: novel-column softmax and area-weighted region merging (METHOD.md 6.2, invariant 26)."""
+"""ncd.infer.merge: novel-column softmax and area-weighted region merging (METHOD.md 6.2, invariant 26)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from ncd.merge import merge_regions, novel_probs, region_weights
+from ncd.infer.merge import merge_regions, novel_probs, region_weights
 
 
 def test_novel_probs_is_softmax_over_novel_logits() -> None:

@@ -1,4 +1,4 @@
-"""ncd.metrics against scikit-learn, brute-force matching and a slow AUPRO reference."""
+"""ncd.evaluate.metrics against scikit-learn, brute-force matching and a slow AUPRO reference."""
 from __future__ import annotations
 
 import itertools
@@ -11,8 +11,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from ncd import metrics
-from ncd.metrics import (
+from ncd.evaluate import metrics
+from ncd.evaluate.metrics import (
     aupro,
     cluster_metrics,
     confusion_matrix_matched,
@@ -202,7 +202,7 @@ def test_one_sample_category_is_counted_weighted_and_marked() -> None:
 def test_evaluate_says_how_many_rows_it_scored_and_dropped() -> None:
     import pyarrow as pa
 
-    from ncd.evaluate import evaluate_predictions, metrics_markdown
+    from ncd.evaluate.predictions import evaluate_predictions, metrics_markdown
 
     table = pa.table({"category": ["c"] * 6, "gt_type": ["a", "a", "b", "b", "", None], "cluster": [0, 0, 1, 1, 0, 1]})
     result = evaluate_predictions(table)
@@ -387,6 +387,6 @@ def test_aupro_errors() -> None:
 
 
 def test_library_imports_neither_sklearn_nor_torch() -> None:
-    code = "import sys, ncd.metrics, ncd.merge; print(sorted({'sklearn', 'torch', 'ray'} & set(sys.modules)))"
+    code = "import sys, ncd.evaluate.metrics, ncd.infer.merge; print(sorted({'sklearn', 'torch', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

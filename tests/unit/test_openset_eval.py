@@ -1,11 +1,11 @@
 import pyarrow.compute as pc
 import pytest
 
-from ncd.catalog import build_manifest
+from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.openset_eval import held_out_auroc, open_set_protocol
+from ncd.evaluate.openset_eval import held_out_auroc, open_set_protocol
 from ncd.pipeline import LOCAL_STAGES, Stages
-from ncd.preprocess import preprocess_manifest
+from ncd.preprocess.regions import preprocess_manifest
 
 
 @pytest.fixture(scope="module")

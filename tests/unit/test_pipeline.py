@@ -4,7 +4,7 @@ import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from ncd.config import load_config
-from ncd.io import read_table
+from ncd.data.io import read_table
 from ncd.pipeline import discover
 
 
@@ -36,7 +36,7 @@ def test_discover_single_process(demo_root, tmp_path):
     # the clusters were refined after training, and the saved model predicts with the refined prototypes
     assert set(summary["refine"]) == {"fabric", "plate"} and summary["image_metrics_before_refine"]["mean"]["nmi"] >= 0
     from ncd.pipeline import local_infer
-    from ncd.predict import load_model, region_probabilities
+    from ncd.infer.predict import load_model, region_probabilities
 
     regions = read_table(str(tmp_path / "regions"))
     plate = regions.filter(np.asarray(regions.column("category").to_pylist()) == "plate")
@@ -49,10 +49,10 @@ def test_discover_single_process(demo_root, tmp_path):
 
 
 def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_root, tmp_path):
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
     from ncd.pipeline import local_preprocess
-    from ncd.preprocess import preprocess_manifest
-    from ncd.region_table import canonical_order
+    from ncd.preprocess.regions import preprocess_manifest
+    from ncd.data.region_table import canonical_order
 
     def cfg_with(*sets):
         return load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", f"preprocess.output={tmp_path}",
@@ -79,11 +79,11 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
     import pyarrow as pa
     import pytest
 
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
     from ncd.config import ConfigError, apply_overrides
     from ncd.pipeline import choose_k, frozen_features, k_label, summary_text
-    from ncd.preprocess import preprocess_manifest
-    from ncd.k_estimation import estimate_k
+    from ncd.preprocess.regions import preprocess_manifest
+    from ncd.evaluate.k_estimation import estimate_k
     from ncd.validation import validate
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
@@ -153,7 +153,7 @@ def test_discover_keeps_hostile_category_names_inside_the_output_and_writes_no_s
     import pyarrow as pa
     import urllib.parse
 
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
 
     out = tmp_path / "out"
     cfg = load_config("ncd/configs/demo_smoke.yaml", [
@@ -201,7 +201,7 @@ def test_closing_line_names_the_model_files_written():
 def test_a_collapsed_model_fails_loudly_after_writing_its_outputs(demo_root, tmp_path):
     import pytest
 
-    from ncd.health import CollapseError
+    from ncd.evaluate.health import CollapseError
 
     # collapse_share=0.01: any partition counts as collapsed, so the check must fire after every output is written
     over = [f"data.root={demo_root}", f"output={tmp_path}", f"preprocess.output={tmp_path}", "train.epochs=1",
@@ -220,9 +220,9 @@ def test_rerun_after_one_map_changed_trains_afresh_not_the_old_model(tmp_path, c
     of the earlier run must not be returned (it was trained on other regions)."""
     import cv2
 
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
     from ncd.pipeline import local_preprocess, local_train
-    from ncd.synthetic import SyntheticSpec, write_dataset
+    from ncd.data.synthetic import SyntheticSpec, write_dataset
 
     root = write_dataset(tmp_path / "data", SyntheticSpec(categories=("plate",), images_per_family=2,
                                                           normal_images=2, image_size=64, seed=3))

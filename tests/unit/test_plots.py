@@ -1,4 +1,4 @@
-"""Report figures (ncd.plots): matched confusion, embedding map, galleries, K curve."""
+"""Report figures (ncd.evaluate.plots): matched confusion, embedding map, galleries, K curve."""
 from __future__ import annotations
 
 import subprocess
@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ncd import plots
-from ncd.metrics import confusion_matrix_matched, hungarian_mapping
-from ncd.plots import (
+from ncd.evaluate import plots
+from ncd.evaluate.metrics import confusion_matrix_matched, hungarian_mapping
+from ncd.evaluate.plots import (
     OUTLINE_RGB,
     UNKNOWN,
     cluster_gallery,
@@ -201,6 +201,6 @@ def test_plot_k_scores_is_a_png():
 
 
 def test_importing_plots_leaves_pyplot_alone():
-    code = "import sys, ncd.plots, ncd.report; print('matplotlib.pyplot' in sys.modules)"
+    code = "import sys, ncd.evaluate.plots, ncd.evaluate.report; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ncd.predict import (UNKNOWN, TrainedModel, image_predictions, load_model, region_predictions, save_model)
+from ncd.infer.predict import (UNKNOWN, TrainedModel, image_predictions, load_model, region_predictions, save_model)
 
 
 def _regions(image_ids, areas):
@@ -51,12 +51,12 @@ def test_inference_on_a_category_the_model_never_saw_warns(demo_root):
 
     import pytest
 
-    from ncd.catalog import build_manifest
+    from ncd.data.catalog import build_manifest
     from ncd.config import load_config
     from ncd.model.ncd_model import build_ncd_model
     from ncd.pipeline import local_infer
-    from ncd.predict import UnseenCategoryWarning, warn_unseen_categories
-    from ncd.preprocess import preprocess_manifest
+    from ncd.infer.predict import UnseenCategoryWarning, warn_unseen_categories
+    from ncd.preprocess.regions import preprocess_manifest
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}"])
     regions = preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data)
@@ -76,7 +76,7 @@ def test_inference_on_a_category_the_model_never_saw_warns(demo_root):
 def test_malicious_or_foreign_model_file_is_refused_naming_it(tmp_path, malicious_model_bytes):
     import pytest
 
-    from ncd.checkpoint import ModelFileError, save
+    from ncd.train.checkpoint import ModelFileError, save
 
     sentinel = tmp_path / "pwned"
     bad = tmp_path / "model.pt"
@@ -93,7 +93,7 @@ def test_malicious_or_foreign_model_file_is_refused_naming_it(tmp_path, maliciou
 def test_infer_job_with_a_truncated_model_file_exits_with_one_line_naming_it(tmp_path):
     import pytest
 
-    from ncd.checkpoint import save
+    from ncd.train.checkpoint import save
     from ray_jobs.infer import main
 
     path = tmp_path / "model.pt"

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
-from ncd import io
+from ncd.data import io
 from ncd.config import LossConfig, ModelConfig, ProtoConfig
-from ncd.crops import padded_crop
-from ncd.io import DataError
+from ncd.preprocess.crops import padded_crop
+from ncd.data.io import DataError
 from ncd.losses import info_nce, supcon
 from ncd.model.mask_attention import MaskGuidedViT, hard_key_bias, patch_coverage
 from ncd.proto.guidance import RegionGuidance, rgf_key_bias, soft_key_bias
@@ -612,7 +612,7 @@ def test_auroc_matches_sklearn_with_ties():
 def test_inference_posterior_is_the_vmf_posterior_at_proto_kappa():
     """The rejection score (best merged probability) uses proto.kappa, as training does."""
     from ncd.config import load_config
-    from ncd.predict import TrainedModel, region_probabilities
+    from ncd.infer.predict import TrainedModel, region_probabilities
 
     logits = [np.random.default_rng(0).uniform(-1, 1, (7, 2 + 3))]
     for kappa in (10.0, 30.0):

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from ncd.config import RefineConfig
-from ncd.refine import neighbour_indices, refine_prototypes, unit_rows
+from ncd.train.refine import neighbour_indices, refine_prototypes, unit_rows
 
 
 def blobs(seed: int = 0, k: int = 4, per: int = 60, dim: int = 16, spread: float = 0.35):

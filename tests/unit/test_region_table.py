@@ -4,10 +4,10 @@ import time
 
 import pyarrow as pa
 
-from ncd import io
-from ncd.catalog import build_manifest
+from ncd.data import io
+from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.region_table import STALE_AFTER_S, plan_preprocess
+from ncd.data.region_table import STALE_AFTER_S, plan_preprocess
 
 
 def test_only_old_staging_folders_of_other_runs_are_stale(demo_root, tmp_path):

@@ -1,4 +1,4 @@
-"""The discovery report (ncd.report) over real crops from the synthetic dataset."""
+"""The discovery report (ncd.evaluate.report) over real crops from the synthetic dataset."""
 from __future__ import annotations
 
 import re
@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from ncd import report
-from ncd.catalog import build_manifest
+from ncd.evaluate import report
+from ncd.data.catalog import build_manifest
 from ncd.config import CropConfig, DataConfig, MebinConfig, S3Config
-from ncd.evaluate import evaluate_predictions
-from ncd.io import DataError
-from ncd.metrics import confusion_matrix_matched, hungarian_mapping
-from ncd.plots import OUTLINE_RGB, UNKNOWN
-from ncd.preprocess import preprocess_manifest
-from ncd.report import cluster_summary, level_data, write_report
+from ncd.evaluate.predictions import evaluate_predictions
+from ncd.data.io import DataError
+from ncd.evaluate.metrics import confusion_matrix_matched, hungarian_mapping
+from ncd.evaluate.plots import OUTLINE_RGB, UNKNOWN
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.evaluate.report import cluster_summary, level_data, write_report
 
 
 @pytest.fixture(scope="module")

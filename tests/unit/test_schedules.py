@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ncd.config import LossConfig, TrainConfig
-from ncd.schedules import cosine_lr, teacher_temperature_schedule
+from ncd.train.schedules import cosine_lr, teacher_temperature_schedule
 
 
 def default_schedule() -> list[float]:

@@ -2,8 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ncd.io import DataError
-from ncd.splits import evaluation_split, is_normal_type, type_counts
+from ncd.data.io import DataError
+from ncd.data.splits import evaluation_split, is_normal_type, type_counts
 
 
 def _manifest(groups: dict[tuple[str, str], int]) -> pa.Table:

@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic defect dataset (ncd.synthetic)."""
+"""Tests of the embedded synthetic defect dataset (ncd.data.synthetic)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ncd import synthetic as S
+from ncd.data import synthetic as S
 
 SIZE = 96
 

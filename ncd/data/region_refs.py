@@ -15,21 +15,21 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
-from ncd.io import DataError
-from ncd.preprocess import REGION_SCHEMA
-from ncd.region_table import ORDER_COLUMNS, category_dir, table_files
+from ncd.data.io import DataError
+from ncd.preprocess.regions import REGION_SCHEMA
+from ncd.data.region_table import ORDER_COLUMNS, category_dir, table_files
 
 HEAVY_COLUMNS = ("crop_png", "mask_png", "anomaly_png", "object_png")  # per-row images
 LIGHT_COLUMNS = tuple(n for n in REGION_SCHEMA.names if n not in HEAVY_COLUMNS)
-SOURCE_KEY = b"ncd.region_table"
+SOURCE_KEY = b"ncd.data.region_table"
 
 
 def table_parts(uri: str, s3: S3Config | None = None,
                 categories: Sequence[str] = ()) -> tuple[pafs.FileSystem, list[str]]:
-    """``ncd.region_table.table_files``, only those in the folders of ``categories`` when
-    given and the table has a folder for each (as ``ncd.region_table`` writes it)."""
+    """``ncd.data.region_table.table_files``, only those in the folders of ``categories`` when
+    given and the table has a folder for each (as ``ncd.data.region_table`` writes it)."""
     fs, paths = table_files(uri, s3)
     if categories:
         base = io.filesystem(uri, s3)[1].rstrip("/")
@@ -52,7 +52,7 @@ def _dataset(uri: str, s3: S3Config | None, categories: Sequence[str] = ()) -> p
 
 def light_regions(uri: str, s3: S3Config | None = None) -> pa.Table:
     """The stored region table at ``uri`` without its crops, in canonical order (as
-    ``ncd.region_table.read_regions``), its source URI in the schema metadata."""
+    ``ncd.data.region_table.read_regions``), its source URI in the schema metadata."""
     table = _dataset(uri, s3).to_table(columns=list(LIGHT_COLUMNS))
     table = table.cast(pa.schema([REGION_SCHEMA.field(n) for n in LIGHT_COLUMNS]))
     table = table.sort_by([(c, "ascending") for c in ORDER_COLUMNS])
@@ -68,7 +68,7 @@ def source_of(table: pa.Table) -> str:
     uri = (table.schema.metadata or {}).get(SOURCE_KEY)
     if uri is None:
         raise DataError("a region table without crops (crop_png) and without its source URI: "
-                        "read it with ncd.region_refs.light_regions or pass the full table")
+                        "read it with ncd.data.region_refs.light_regions or pass the full table")
     return uri.decode()
 
 

@@ -1,8 +1,8 @@
 """The training views' augmentations as batched tensor ops (``train.augment_on=device``).
 
 The loader hands over uint8 crops (already cropped to the view size) with each view's
-random choices (:class:`ncd.augment.ViewParams`, drawn from the sampler's per-draw
-seed); here the rest of :func:`ncd.augment.train_view` runs on a whole batch at once,
+random choices (:class:`ncd.train.augment.ViewParams`, drawn from the sampler's per-draw
+seed); here the rest of :func:`ncd.train.augment.train_view` runs on a whole batch at once,
 on whatever device the batch is on, with per-sample parameters and without host
 synchronisation. Values stay on the uint8 grid between steps (each step floors or
 rounds as torchvision does for uint8 images), so a view equals the CPU path's up to
@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ncd.augment import BLUR_KERNELS, ViewParams, ViewSpec, _blur_kernel
+from ncd.train.augment import BLUR_KERNELS, ViewParams, ViewSpec, _blur_kernel
 
 PARAM_FIELDS = ("hflip", "vflip", "jitter_order", "jitter", "quarter_turns", "sharpness", "blur_kernel",
                 "blur_sigma", "posterize_bits")

@@ -4,8 +4,8 @@
 release the GIL) and keeps it resized to ``ViewSpec.resize`` as uint8, image and
 masks (about (3 + c) x resize^2 bytes a crop: 260 KB at 224 px with one mask).
 :class:`CachedTwoViewDataset` then only draws each view's parameters from the
-sampler's per-draw seed (``ncd.augment.draw_view_params``, the CPU path's draws) and
-slices the view's window out of the cached crop; ``ncd.batch_augment.augment_batch``
+sampler's per-draw seed (``ncd.train.augment.draw_view_params``, the CPU path's draws) and
+slices the view's window out of the cached crop; ``ncd.train.batch_augment.augment_batch``
 does the rest on the device.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import Dataset
 
-from ncd.augment import ViewSpec, draw_view_params, resize_for_views
-from ncd.batch_augment import pack_params
-from ncd.region_set import RegionSet
+from ncd.train.augment import ViewSpec, draw_view_params, resize_for_views
+from ncd.train.batch_augment import pack_params
+from ncd.train.region_set import RegionSet
 
 VIEWS = 2
 

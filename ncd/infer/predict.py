@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ncd import checkpoint
+from ncd.train import checkpoint
 from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict, stored_config
-from ncd.merge import merge_regions, novel_probs
+from ncd.infer.merge import merge_regions, novel_probs
 from ncd.methods import build_model, prediction_temperature
 from ncd.model.ncd_model import NCDModel
 

@@ -12,7 +12,7 @@ final norm applied, as DINOv2's linear probes). Per block, three poolings:
 A CNN (e.g. EfficientNet-Lite0, :func:`ncd.model.weights.load_efficientnet_lite0`) gives
 ``pool`` (mean of its last feature map) and ``mask_pool`` (the same, mask-weighted).
 
-Views (``view``): ``eval``, ncd's deterministic test view (:func:`ncd.augment.eval_view`:
+Views (``view``): ``eval``, ncd's deterministic test view (:func:`ncd.train.augment.eval_view`:
 shorter side to size / crop_pct, then a size x size crop), or ``resize``, the whole crop
 resized to size x size. Inputs are normalised with the backbone's own mean and std
 (``pretrained_cfg``; ImageNet's when it has none).
@@ -29,8 +29,8 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ncd.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_view
-from ncd.data import RegionSet, eval_set
+from ncd.train.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_view
+from ncd.train.datasets import RegionSet, eval_set
 
 VIEWS = ("eval", "resize")
 VIT_POOLINGS = ("cls", "mean_patch", "mask_patch")

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ncd.augment import ViewSpec
-from ncd.data import EvalDataset, RegionSet
+from ncd.train.augment import ViewSpec
+from ncd.train.datasets import EvalDataset, RegionSet
 from ncd.model.ncd_model import NCDModel
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ncd import io
+from ncd.data import io
 
 BLUR_FRACTION = 0.02
 NOISE_SIGMA_FRACTION = 0.08

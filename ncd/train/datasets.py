@@ -14,8 +14,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ncd.augment import ViewSpec, eval_view, train_view
-from ncd.region_set import RegionSet
+from ncd.train.augment import ViewSpec, eval_view, train_view
+from ncd.train.region_set import RegionSet
 
 UNLABELLED = -1
 DRAW_SEED_STREAM = 0x5EED  # separates the augmentation seeds from other streams of the same (seed, epoch)
@@ -160,11 +160,11 @@ def training_loader(regions: RegionSet, spec: ViewSpec, *, seed: int, batch_size
     before each epoch (the sampler lives in this process, so persistent workers follow it).
 
     ``augment_on="loader"``: augmented float views (``TwoViewDataset``); ``"device"``: uint8
-    windows of crops decoded once (``ncd.crop_cache``) with their views' parameters, for
-    ``ncd.batch_augment.augment_batch`` on the training device."""
+    windows of crops decoded once (``ncd.train.crop_cache``) with their views' parameters, for
+    ``ncd.train.batch_augment.augment_batch`` on the training device."""
     sampler = HalfHalfSampler(regions.labelled, seed=seed, rank=rank, world_size=world_size)
     if augment_on == "device":
-        from ncd.crop_cache import CachedTwoViewDataset, CropCache
+        from ncd.train.crop_cache import CachedTwoViewDataset, CropCache
 
         dataset: Dataset = CachedTwoViewDataset(regions, CropCache(regions, spec, threads=max(1, workers)), spec)
     else:

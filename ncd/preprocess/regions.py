@@ -5,7 +5,7 @@ Two explicit passes, the same in one process and on Ray Data:
    ``CategoryRange`` per category (the MEBin search range needs every peak first);
 2. ``process_image`` per image, given its category's range, returns region rows.
 
-On storage (``ncd.region_table``) the region table is one folder per category with a
+On storage (``ncd.data.region_table``) the region table is one folder per category with a
 completion record, so a re-run recomputes only the categories whose images or settings
 changed.
 """
@@ -19,11 +19,11 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from ncd import io
+from ncd.data import io
 from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
-from ncd.crops import crop_regions, mask_to_image_size, score_map_to_image_size
-from ncd.io import DataError
-from ncd.mebin import binarize, normalize, peak_outliers, search_range
+from ncd.preprocess.crops import crop_regions, mask_to_image_size, score_map_to_image_size
+from ncd.data.io import DataError
+from ncd.preprocess.mebin import binarize, normalize, peak_outliers, search_range
 from ncd.proto.object_prior import crop_anomaly_map, crop_object_mask, object_mask
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from typing import Callable
 
 import pyarrow as pa
 
-from ncd import io
-from ncd.catalog_realiad import catalog_realiad
+from ncd.data import io
+from ncd.data.catalog_realiad import catalog_realiad
 from ncd.config import DataConfig, S3Config
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
-from ncd.io import DataError
-from ncd.metrics import per_category_metrics
+from ncd.data.io import DataError
+from ncd.evaluate.metrics import per_category_metrics
 
 METRIC_NAMES = ("nmi", "ari", "f1")
 
@@ -15,7 +15,7 @@ METRIC_NAMES = ("nmi", "ari", "f1")
 def evaluate_predictions(table: pa.Table, truth_column: str = "gt_type", pred_column: str = "cluster",
                          category_column: str = "category",
                          k: int | Mapping[str, int] | None = None) -> dict[str, Any]:
-    """``ncd.metrics.per_category_metrics`` of a predictions table (``k``: see there).
+    """``ncd.evaluate.metrics.per_category_metrics`` of a predictions table (``k``: see there).
 
     Rows with an empty truth are not scored (no ground truth known for them):
     ``num_samples`` counts the scored rows, ``num_dropped`` the others.

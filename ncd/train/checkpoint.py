@@ -1,6 +1,6 @@
 """Checkpoints and model files: safe loading, atomic writes, fingerprints, the resume policy.
 
-Every run context (one process here and in ``ncd.engine``, Ray Train and Ray Tune in
+Every run context (one process here and in ``ncd.train.engine``, Ray Train and Ray Tune in
 ``ray_jobs``) saves, finds and resumes through this module.
 
 - A checkpoint or model file is a plain dict (dicts, lists, tensors, numbers, strings)
@@ -34,9 +34,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ncd import io
+from ncd.data import io
 from ncd.config import RENAMED, ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import RefineConfig
-from ncd.infer import RegionOutputs
+from ncd.infer.forward import RegionOutputs
 from ncd.methods import prediction_temperature
-from ncd.predict import TrainedModel
+from ncd.infer.predict import TrainedModel
 
 
 @dataclass(frozen=True)

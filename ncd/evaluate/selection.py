@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ncd.data import eval_set
-from ncd.engine import view_spec
-from ncd.infer import forward_regions
-from ncd.k_estimation import MAX_SILHOUETTE_POINTS
+from ncd.train.datasets import eval_set
+from ncd.train.engine import view_spec
+from ncd.infer.forward import forward_regions
+from ncd.evaluate.k_estimation import MAX_SILHOUETTE_POINTS
 from ncd.methods import get_method, guide_columns
-from ncd.predict import TrainedModel
+from ncd.infer.predict import TrainedModel
 
 SAMPLE_SEED = 0  # fixed: every candidate is scored on the same regions, whatever its train.seed
 

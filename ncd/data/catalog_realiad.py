@@ -1,4 +1,4 @@
-"""Real-IAD (Wang et al., CVPR 2024) as published: catalog rows for ``ncd.catalog``.
+"""Real-IAD (Wang et al., CVPR 2024) as published: catalog rows for ``ncd.data.catalog``.
 
 Layout (``root`` is the ``Real-IAD`` folder)::
 
@@ -31,9 +31,9 @@ import re
 from collections import Counter
 from typing import Any, Callable
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The discovery report: one Markdown file with metrics, K, cluster tables, matched
 confusion matrices, an embedding map and per-cluster galleries, written with its
-PNGs to a local or ``s3://`` folder through ``ncd.io``.
+PNGs to a local or ``s3://`` folder through ``ncd.data.io``.
 
 Prediction tables consumed (extra columns are ignored):
 
@@ -10,9 +10,9 @@ Prediction tables consumed (extra columns are ignored):
   rejected sample would have taken), ``top3_prob`` (list<float>).
 - region predictions: ``region_id`` (str), ``category``, ``cluster``, ``probability``;
   optional ``image_id``, ``gt_type``, ``top3``, ``top3_prob``, ``area``.
-- regions: the region table (``ncd.preprocess.REGION_SCHEMA``); ``region_id``,
+- regions: the region table (``ncd.preprocess.regions.REGION_SCHEMA``); ``region_id``,
   ``crop_png`` and ``mask_png`` are read for the galleries, matched by ``region_id`` (from
-  the table's source for a light table without crops, ``ncd.region_refs``).
+  the table's source for a light table without crops, ``ncd.data.region_refs``).
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ncd import io
+from ncd.data import io
 from ncd.config import S3Config
-from ncd.evaluate import METRIC_NAMES, evaluate_predictions
-from ncd.io import DataError
-from ncd.plots import (
+from ncd.evaluate.predictions import METRIC_NAMES, evaluate_predictions
+from ncd.data.io import DataError
+from ncd.evaluate.plots import (
     UNKNOWN,
     MatchedConfusion,
     cluster_gallery,
@@ -38,8 +38,8 @@ from ncd.plots import (
     plot_embedding,
     plot_k_scores,
 )
-from ncd.preprocess import decode_region
-from ncd.region_refs import full_rows, is_light
+from ncd.preprocess.regions import decode_region
+from ncd.data.region_refs import full_rows, is_light
 
 log = logging.getLogger(__name__)
 
@@ -334,14 +334,14 @@ def write_report(out_uri: str, *, image_predictions: pa.Table, region_prediction
 
     Tables as in the module docstring; ``features`` (N_regions, D) aligned with the rows
     of ``region_predictions`` (None: no embedding map). ``metrics``: ``{"image": r,
-    "region": r}`` with ``r`` an ``ncd.metrics.per_category_metrics`` result (either may
+    "region": r}`` with ``r`` an ``ncd.evaluate.metrics.per_category_metrics`` result (either may
     be absent); None computes them from ``gt_type`` when labels exist. ``k_info``: see
     ``k_section``. Files, per category under ``plots/<category>/`` when there are
     several categories, else under ``plots/``: ``confusion_image.png`` and
     ``confusion_region.png`` (labelled data only), ``embedding.png`` (with features),
     ``gallery_cluster<k>.png`` / ``gallery_unknown.png`` per region cluster; plus
     ``plots/k_scores.png`` when ``k_info`` gives scores per K. ``notes``: findings about
-    the input (``ncd.input_checks.input_notes``), listed under "Input checks".
+    the input (``ncd.preprocess.input_checks.input_notes``), listed under "Input checks".
     """
     _check_columns(image_predictions, IMAGE_REQUIRED, "image predictions")
     _check_columns(region_predictions, REGION_REQUIRED, "region predictions")

@@ -1,6 +1,6 @@
 """Label-free estimation of the number of novel classes K (``train.num_novel=auto``).
 
-The criterion is ``infer.k_criterion``, one of ``ncd.k_criteria.CRITERIA``; the default,
+The criterion is ``infer.k_criterion``, one of ``ncd.evaluate.k_criteria.CRITERIA``; the default,
 ``eigengap``, reads the spectrum of the normalised Laplacian of a self-tuning cosine
 affinity of the frozen region features: K is where the gap after the K-th smallest
 eigenvalue is largest. It counts local components, where the k-means criteria see only
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ncd.k_criteria import CRITERIA, MAX_SAMPLE, Partitions, cosine_silhouette, l2_normalise
+from ncd.evaluate.k_criteria import CRITERIA, MAX_SAMPLE, Partitions, cosine_silhouette, l2_normalise
 
 log = logging.getLogger(__name__)
 DEFAULT_CRITERION = "eigengap"

@@ -3,7 +3,7 @@
 Every criterion reads spherical k-means partitions of the same rows, one per candidate
 K (:class:`Partitions`, shared), except the eigengap (a spectrum). :data:`CRITERIA` maps each
 name to a function ``(x, partitions, seed) -> (best K, {K: score})``; higher scores are
-better except where the docstring says otherwise. ``ncd.k_estimation`` uses one of them
+better except where the docstring says otherwise. ``ncd.evaluate.k_estimation`` uses one of them
 for ``train.num_novel=auto``; ``benchmarks/bench_k.py`` compares them all.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from ncd.cluster.kmeans import kmeans
-from ncd.metrics import cluster_metrics
+from ncd.evaluate.metrics import cluster_metrics
 
 MAX_SAMPLE = 4000  # rows a quadratic criterion (silhouette, eigengap) reads, drawn with the seed
 EIGEN_NEIGHBOURS = 7  # the local scale of the self-tuning affinity (Zelnik-Manor & Perona 2004)

@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ncd.io import encode_png
-from ncd.metrics import confusion_matrix_matched, hungarian_mapping
+from ncd.data.io import encode_png
+from ncd.evaluate.metrics import confusion_matrix_matched, hungarian_mapping
 
 UNKNOWN = -1  # cluster id of a sample rejected as "unknown"
 UNKNOWN_LABEL = "unknown"
@@ -73,7 +73,7 @@ def palette(n: int) -> list[tuple[float, float, float, float]]:
 class MatchedConfusion:
     """Contingency of true types (rows) against clusters (columns) after Hungarian matching.
 
-    Columns follow ``ncd.metrics.confusion_matrix_matched`` over the samples with a
+    Columns follow ``ncd.evaluate.metrics.confusion_matrix_matched`` over the samples with a
     cluster (matched clusters in row order, then unmatched ones by id), then one
     ``UNKNOWN`` column when some samples were rejected; rejected samples never take part
     in the matching, so they count as errors.

@@ -6,7 +6,7 @@ defect region, so they are dropped and counted here; a map whose peak is an outl
 among its category's peaks (a saturated map, an all-zero one) sets the MEBin search
 range of every image in the category, so it is flagged (``mebin.exclude_outliers``
 leaves it out of the range). The outliers come from the region table's completion
-records (``ncd.region_table``).
+records (``ncd.data.region_table``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
-from ncd.region_table import read_completion
+from ncd.data.region_table import read_completion
 
 EXAMPLES = 5  # image ids named in a note
 

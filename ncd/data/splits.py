@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from ncd.io import DataError
+from ncd.data.io import DataError
 
 NORMAL_TYPE_NAMES = ("free", "good", "normal", "ok")
 MTD_NORMAL_IMAGES = 191  # the size of MTD's usual test split of MT_Free

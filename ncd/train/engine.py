@@ -15,17 +15,17 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ncd import checkpoint as ckpt
-from ncd import dist
-from ncd.augment import ViewSpec
-from ncd.batch_augment import augment_batch
+from ncd.train import checkpoint as ckpt
+from ncd.train import dist
+from ncd.train.augment import ViewSpec
+from ncd.train.batch_augment import augment_batch
 from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
-from ncd.data import base_classes, build_training_set, eval_set, training_loader
-from ncd.infer import autocast, forward_regions
+from ncd.train.datasets import base_classes, build_training_set, eval_set, training_loader
+from ncd.infer.forward import autocast, forward_regions
 from ncd.model.heads import select_head
 from ncd.methods import Objective, build_model, guide_columns, kmeans_init, make_objective
 from ncd.model.ncd_model import NCDModel
-from ncd.schedules import cosine_lr
+from ncd.train.schedules import cosine_lr
 from ncd.validation import validate
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class RunContext(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint: dict[str, Any] | None) -> None: ...
 
     def latest_checkpoint(self) -> ckpt.Found | None:
-        """The newest readable checkpoint of this run (``ncd.checkpoint.newest_readable``)."""
+        """The newest readable checkpoint of this run (``ncd.train.checkpoint.newest_readable``)."""
 
     def set_aside(self, found: ckpt.Found) -> None:
         """Get the run's checkpoints out of the way of a fresh run (``found`` is stale)."""

@@ -1,0 +1,1 @@
+"""Inference: forward passes over regions, region and image predictions, frozen features."""
