@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncd.data import io
 from ncd.config import ConfigError, ExperimentConfig, load_config
-from ncd.evaluate.health import CollapseError
+from ncd.data import io
 from ncd.data.io import DataError, StorageError
+from ncd.evaluate.health import CollapseError
 
 log = logging.getLogger("ncd")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -224,10 +224,10 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_infer, local_train
-    from ncd.infer.predict import save_model
-    from ncd.train.refine import refine_trained
     from ncd.data.region_table import read_regions
+    from ncd.infer.predict import save_model
+    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_infer, local_train
+    from ncd.train.refine import refine_trained
 
     cfg = checked_config(args.config, args.overrides)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)

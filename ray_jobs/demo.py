@@ -5,9 +5,9 @@ import argparse
 import logging
 import time
 
-from ncd.data import io
 from ncd.cli import discover_config
 from ncd.config import K_ORACLE, apply_overrides
+from ncd.data import io
 from ray_jobs.discover import run
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ncd.data.catalog import catalog_images
 from ncd.cli import Progress as ProgressLine, add_detect_arguments, detect_config
 from ncd.config import DetectConfig, ExperimentConfig, S3Config, absolute_paths, redacted_s3
+from ncd.data.catalog import catalog_images
 from ncd.detect.features import PatchFeatureExtractor
 from ncd.detect.maps import write_maps
 from ncd.detect.run import (FEW_SHOT, CategoryResult, Features, Progress, detect_category, feature_batch,

@@ -12,9 +12,9 @@ import pyarrow as pa
 
 from ncd.cli import add_discover_arguments, discover_config, discover_here
 from ncd.config import ExperimentConfig
-from ncd.pipeline import Stages, discover, summary_text
-from ncd.infer.predict import TrainedModel, model_from_state
 from ncd.data.region_refs import light_regions
+from ncd.infer.predict import TrainedModel, model_from_state
+from ncd.pipeline import Stages, discover, summary_text
 from ray_jobs.detect import run_detect
 from ray_jobs.infer import run_inference
 from ray_jobs.preprocess import run_preprocess

@@ -22,16 +22,16 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from ncd.data import io
 from ncd.config import S3Config
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
-from ncd.methods import guide_columns
-from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.data import io
 from ncd.data.io import DataError, StorageError
-from ncd.infer.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
 from ncd.data.region_refs import is_light, source_of, table_parts
 from ncd.data.region_table import ORDER_COLUMNS, canonical_order, table_files
+from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.infer.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
+from ncd.methods import guide_columns
+from ncd.train.datasets import eval_set
+from ncd.train.engine import view_spec
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def _ordered_outputs(batches: list[dict[str, np.ndarray]], keys: tuple[str, ...]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ncd.pipeline import write_predictions
     from ncd.infer.predict import image_predictions, region_predictions, region_probabilities
+    from ncd.pipeline import write_predictions
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model.pt written by ncd discover / ncd train")

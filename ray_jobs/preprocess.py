@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from ncd.config import ExperimentConfig, absolute_paths, redacted
 from ncd.data import io
 from ncd.data.catalog import build_manifest
-from ncd.config import ExperimentConfig, absolute_paths, redacted
 from ncd.preprocess.regions import CategoryRange, category_ranges, check_categories, image_statistics
 from ncd.data.region_table import (REGIONS_DIR, STAGING_PREFIX, PreprocessStats, completion_record, plan_preprocess,
                               process_part, publish_category, remove_entries)

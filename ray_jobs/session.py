@@ -22,9 +22,9 @@ from collections.abc import Sequence
 
 import pyarrow.fs as pafs
 
-from ncd.data import io
 from ncd.cli import checked_config, console_logging
 from ncd.config import ExperimentConfig, S3Config, redacted_s3
+from ncd.data import io
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 # notices that say nothing to an ncd user (the local instance's token auth, Ray Data's

@@ -25,14 +25,14 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
-from ncd.train import checkpoint as ckpt
-from ncd.data import io
 from ncd.config import ConfigError, ExperimentConfig, S3Config, absolute_paths, from_dict, public_dict
-from ncd.train.engine import train
+from ncd.data import io
 from ncd.data.io import DataError
-from ncd.pipeline import choose_k
 from ncd.data.region_refs import is_light, light_regions, read_rows, source_of
 from ncd.data.region_table import read_regions
+from ncd.pipeline import choose_k
+from ncd.train import checkpoint as ckpt
+from ncd.train.engine import train
 from ncd.validation import validate
 from ray_jobs.infer import ray_inference
 from ray_jobs.session import add_job_arguments, run_storage, start_job

@@ -30,19 +30,19 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from ncd.train import checkpoint as ckpt
 from ncd.data import io
+from ncd.train import checkpoint as ckpt
 from ncd.config import (ExperimentConfig, absolute_paths, apply_overrides, dump_config, from_dict,
                         public_dict)
-from ncd.train.datasets import base_classes
-from ncd.train.engine import train
-from ncd.evaluate.metrics import cluster_metrics
-from ncd.model.heads import select_head
-from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
-from ncd.infer.predict import TrainedModel, image_predictions, region_probabilities
 from ncd.data.region_refs import full_rows
 from ncd.data.region_table import REGIONS_DIR, read_regions
+from ncd.evaluate.metrics import cluster_metrics
 from ncd.evaluate.selection import cluster_score, score_sample
+from ncd.infer.predict import TrainedModel, image_predictions, region_probabilities
+from ncd.model.heads import select_head
+from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
+from ncd.train.datasets import base_classes
+from ncd.train.engine import train
 from ncd.validation import validate
 from ray_jobs.session import add_job_arguments, run_storage, start_job
 from ray_jobs.train import newest_checkpoint, report_checkpoint

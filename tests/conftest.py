@@ -33,8 +33,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from ncd.data import io
 from ncd.config import S3Config
+from ncd.data import io
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -14,9 +14,9 @@ from typing import Callable
 
 import pyarrow as pa
 
+from ncd.config import DataConfig, S3Config
 from ncd.data import io
 from ncd.data.catalog_realiad import catalog_realiad
-from ncd.config import DataConfig, S3Config
 from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)

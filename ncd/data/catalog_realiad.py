@@ -31,8 +31,8 @@ import re
 from collections import Counter
 from typing import Any, Callable
 
-from ncd.data import io
 from ncd.config import S3Config
+from ncd.data import io
 from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)

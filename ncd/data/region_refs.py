@@ -15,11 +15,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ncd.data import io
 from ncd.config import S3Config
+from ncd.data import io
 from ncd.data.io import DataError
-from ncd.preprocess.regions import REGION_SCHEMA
 from ncd.data.region_table import ORDER_COLUMNS, category_dir, table_files
+from ncd.preprocess.regions import REGION_SCHEMA
 
 HEAVY_COLUMNS = ("crop_png", "mask_png", "anomaly_png", "object_png")  # per-row images
 LIGHT_COLUMNS = tuple(n for n in REGION_SCHEMA.names if n not in HEAVY_COLUMNS)

@@ -40,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ncd.data import io
 from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
+from ncd.data import io
 from ncd.data.io import DataError
 from ncd.preprocess.regions import (REGION_SCHEMA, CategoryRange, category_ranges, check_categories, image_statistics,
                             process_image, regions_table)

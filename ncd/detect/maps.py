@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from ncd.data import io
 from ncd.config import S3Config
+from ncd.data import io
 
 
 def map_uri(maps_root: str, image_id: str) -> str:

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ncd.config import DetectConfig, ExperimentConfig, S3Config
 from ncd.data import io
 from ncd.data.catalog import catalog_images
-from ncd.config import DetectConfig, ExperimentConfig, S3Config
+from ncd.data.io import DataError
 from ncd.detect.features import PatchFeatureExtractor, check_detect_config
 from ncd.detect.maps import map_uri, write_maps
 from ncd.detect.scoring import bank_scores, mutual_scores, rescore
-from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)
 ZERO_SHOT, FEW_SHOT = "zero_shot", "few_shot"

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ncd.data import io
 from ncd.config import ExperimentConfig, apply_overrides
+from ncd.data import io
+from ncd.data.region_table import category_dir
 from ncd.infer.merge import merge_regions
 from ncd.infer.predict import image_predictions, region_probabilities
 from ncd.proto.openset import auroc
-from ncd.data.region_table import category_dir
 
 log = logging.getLogger(__name__)
 

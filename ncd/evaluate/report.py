@@ -24,10 +24,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ncd.data import io
 from ncd.config import S3Config
-from ncd.evaluate.predictions import METRIC_NAMES, evaluate_predictions
+from ncd.data import io
 from ncd.data.io import DataError
+from ncd.evaluate.predictions import METRIC_NAMES, evaluate_predictions
 from ncd.evaluate.plots import (
     UNKNOWN,
     MatchedConfusion,
@@ -38,8 +38,8 @@ from ncd.evaluate.plots import (
     plot_embedding,
     plot_k_scores,
 )
-from ncd.preprocess.regions import decode_region
 from ncd.data.region_refs import full_rows, is_light
+from ncd.preprocess.regions import decode_region
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ncd.evaluate.k_estimation import MAX_SILHOUETTE_POINTS
+from ncd.infer.forward import forward_regions
+from ncd.infer.predict import TrainedModel
+from ncd.methods import get_method, guide_columns
 from ncd.train.datasets import eval_set
 from ncd.train.engine import view_spec
-from ncd.infer.forward import forward_regions
-from ncd.evaluate.k_estimation import MAX_SILHOUETTE_POINTS
-from ncd.methods import get_method, guide_columns
-from ncd.infer.predict import TrainedModel
 
 SAMPLE_SEED = 0  # fixed: every candidate is scored on the same regions, whatever its train.seed
 

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ncd.model.ncd_model import NCDModel
 from ncd.train.augment import ViewSpec
 from ncd.train.datasets import EvalDataset, RegionSet
-from ncd.model.ncd_model import NCDModel
 
 
 @dataclass(frozen=True)

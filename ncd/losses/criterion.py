@@ -11,7 +11,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.info_nce import info_nce
@@ -20,6 +19,7 @@ from ncd.losses.rows import RowSplit, split_rows
 from ncd.losses.self_distillation import self_distillation
 from ncd.losses.supcon import supcon
 from ncd.losses.supervised_ce import supervised_ce
+from ncd.train import dist as ncd_dist
 
 def supervised_terms(logits: Sequence[Tensor], proj: Tensor, split: RowSplit, student_temp: float,
                      supcon_temp: float, gather: bool) -> tuple[Tensor, Tensor]:

@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from ncd.data import io
 from ncd.config import CropConfig, DataConfig, MebinConfig, ProtoConfig, S3Config
-from ncd.preprocess.crops import crop_regions, mask_to_image_size, score_map_to_image_size
+from ncd.data import io
 from ncd.data.io import DataError
+from ncd.preprocess.crops import crop_regions, mask_to_image_size, score_map_to_image_size
 from ncd.preprocess.mebin import binarize, normalize, peak_outliers, search_range
 from ncd.proto.object_prior import crop_anomaly_map, crop_object_mask, object_mask
 

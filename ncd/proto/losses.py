@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig, ProtoConfig
 from ncd.losses.corrected_targets import corrected_targets
 from ncd.losses.criterion import supervised_terms
@@ -27,6 +26,7 @@ from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
 from ncd.losses.rows import split_rows
 from ncd.losses.self_distillation import self_distillation
+from ncd.train import dist as ncd_dist
 
 CONFIDENCE_EPS = 1e-6  # ProtoGCD's top1 / (top2 + eps)
 

@@ -22,10 +22,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ncd.data import io
-from ncd.preprocess.crops import padded_crop
 from ncd.config import ProtoConfig, S3Config
+from ncd.data import io
 from ncd.data.io import DataError
+from ncd.preprocess.crops import padded_crop
 
 OBJECT_PRIORS = ("none", "folder", "column", "auto")
 OBJECT_MASK_COLUMN = "object_mask_uri"

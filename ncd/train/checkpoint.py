@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ncd.data import io
 from ncd.config import RENAMED, ConfigError, ExperimentConfig, S3Config, flat_dict, to_dict
+from ncd.data import io
 from ncd.data.io import DataError
 
 log = logging.getLogger(__name__)

@@ -15,16 +15,16 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
+from ncd.infer.forward import autocast, forward_regions
+from ncd.methods import Objective, build_model, guide_columns, kmeans_init, make_objective
+from ncd.model.heads import select_head
+from ncd.model.ncd_model import NCDModel
 from ncd.train import checkpoint as ckpt
 from ncd.train import dist
 from ncd.train.augment import ViewSpec
 from ncd.train.batch_augment import augment_batch
-from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
 from ncd.train.datasets import base_classes, build_training_set, eval_set, training_loader
-from ncd.infer.forward import autocast, forward_regions
-from ncd.model.heads import select_head
-from ncd.methods import Objective, build_model, guide_columns, kmeans_init, make_objective
-from ncd.model.ncd_model import NCDModel
 from ncd.train.schedules import cosine_lr
 from ncd.validation import validate
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import ExperimentConfig, apply_overrides, load_config
-from ncd.train.checkpoint import CHECKPOINT_FILE, load
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.catalog import build_manifest
 from ncd.data.region_table import read_completion, read_regions, update_regions, write_regions
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.train.checkpoint import CHECKPOINT_FILE, load
 
 pytestmark = pytest.mark.ray
 

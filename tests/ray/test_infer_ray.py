@@ -2,16 +2,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from ncd.config import load_config
 from ncd.data import io
 from ncd.data.catalog import build_manifest
-from ncd.config import load_config
+from ncd.data.region_table import read_regions
+from ncd.infer.forward import forward_regions
+from ncd.infer.predict import TrainedModel
+from ncd.methods import build_model
+from ncd.preprocess.regions import preprocess_manifest
 from ncd.train.datasets import eval_set
 from ncd.train.engine import view_spec
-from ncd.infer.forward import forward_regions
-from ncd.methods import build_model
-from ncd.infer.predict import TrainedModel
-from ncd.preprocess.regions import preprocess_manifest
-from ncd.data.region_table import read_regions
 
 pytestmark = pytest.mark.ray
 
@@ -78,8 +78,8 @@ def test_streaming_inference_from_s3(trained_and_regions, ray_local, s3_config, 
 
 
 def test_inference_cli_warns_on_a_category_the_model_never_saw(demo_root, ray_local, tmp_path):
-    from ncd.infer.predict import UnseenCategoryWarning, save_model
     from ncd.data.region_table import write_regions
+    from ncd.infer.predict import UnseenCategoryWarning, save_model
     from ray_jobs.infer import main
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}"])

@@ -4,17 +4,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import apply_overrides, load_config
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
-from ncd.infer.forward import forward_regions
-from ncd.methods import build_model
-from ncd.pipeline import choose_k
-from ncd.infer.predict import TrainedModel
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.catalog import build_manifest
 from ncd.data.region_refs import full_rows, is_light, light_regions
 from ncd.data.region_table import write_regions
+from ncd.infer.forward import forward_regions
+from ncd.infer.predict import TrainedModel
+from ncd.methods import build_model
+from ncd.pipeline import choose_k
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.train.datasets import eval_set
+from ncd.train.engine import view_spec
 
 pytestmark = pytest.mark.ray
 

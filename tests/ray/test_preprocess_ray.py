@@ -1,9 +1,9 @@
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import ExperimentConfig, apply_overrides
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.catalog import build_manifest
 from ncd.data.region_table import read_regions
+from ncd.preprocess.regions import preprocess_manifest
 
 pytestmark = pytest.mark.ray
 

@@ -1,11 +1,11 @@
 import pytest
 import yaml
 
-from ncd.data.catalog import build_manifest
 from ncd.config import load_config
+from ncd.data.catalog import build_manifest
 from ncd.data.io import read_table
-from ncd.preprocess.regions import preprocess_manifest
 from ncd.data.region_table import write_regions
+from ncd.preprocess.regions import preprocess_manifest
 
 pytestmark = pytest.mark.ray
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ncd.config import DataConfig, load_config
 from ncd.data import io
 from ncd.data.catalog import build_manifest
-from ncd.config import DataConfig, load_config
 from ncd.detect import detect_local
 
 pytestmark = pytest.mark.s3

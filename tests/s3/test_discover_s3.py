@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from ncd.data import io
 from ncd.config import ExperimentConfig, load_config
+from ncd.data import io
 from ncd.data.io import StorageError
-from ncd.pipeline import LOCAL_STAGES, Stages, discover
 from ncd.data.region_table import read_regions
+from ncd.pipeline import LOCAL_STAGES, Stages, discover
 
 pytestmark = pytest.mark.s3
 

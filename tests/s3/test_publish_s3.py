@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from ncd.data import io
-from ncd.preprocess.regions import REGION_SCHEMA
 from ncd.data.region_table import COMPLETION_FILE, VERSION_PREFIX, publish_category, read_regions
+from ncd.preprocess.regions import REGION_SCHEMA
 
 pytestmark = pytest.mark.s3
 PARTS, ROWS = 3, 4  # parts per version, rows per part

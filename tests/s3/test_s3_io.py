@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from ncd.config import DataConfig, S3Config
 from ncd.data import io
 from ncd.data.catalog import build_manifest
 from ncd.data.catalog_realiad import catalog_realiad
-from ncd.config import DataConfig, S3Config
 from ncd.data.io import StorageError
 
 pytestmark = pytest.mark.s3
@@ -232,8 +232,8 @@ def test_realiad_catalog_on_s3_equals_local(tmp_path, s3_server, s3_prefix, s3_c
 
 
 def test_malicious_model_file_on_s3_is_refused_naming_it(s3_prefix, s3_config, tmp_path, malicious_model_bytes):
-    from ncd.train.checkpoint import ModelFileError
     from ncd.infer.predict import load_model
+    from ncd.train.checkpoint import ModelFileError
 
     sentinel = tmp_path / "pwned"
     uri = f"{s3_prefix}/model.pt"

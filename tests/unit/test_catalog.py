@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import DataConfig
+from ncd.data.catalog import build_manifest
 from ncd.data.io import DataError
 
 MTD_ROOT = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "mtd"

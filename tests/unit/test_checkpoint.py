@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ncd.train import checkpoint as ckpt
 from ncd.config import load_config
 from ncd.data.io import StorageError
+from ncd.train import checkpoint as ckpt
 
 
 def test_malicious_checkpoint_is_refused_without_running_it(tmp_path, malicious_model_bytes):
@@ -61,8 +61,8 @@ def test_disk_full_mid_write_leaves_no_temporary_file(tmp_path):
     """A real short write: the process may not grow a file past 64 kB (RLIMIT_FSIZE), as on a full disk."""
     script = textwrap.dedent(f"""
         import resource, signal, sys, torch
-        from ncd.train import checkpoint as ckpt
         from ncd.data.io import StorageError
+        from ncd.train import checkpoint as ckpt
         ckpt.save({{"w": torch.zeros(10)}}, {str(tmp_path / "c.pt")!r})  # the previous checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))

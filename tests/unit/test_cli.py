@@ -89,8 +89,8 @@ def test_train_saves_the_refined_prototypes(demo_root, tmp_path):
     import numpy as np
 
     from ncd.config import apply_overrides
-    from ncd.pipeline import local_infer
     from ncd.infer.predict import load_model
+    from ncd.pipeline import local_infer
     from ncd.train.refine import refine_trained
 
     common = ["--config", "demo_smoke", "--set", f"data.root={demo_root}", "--set", f"preprocess.output={tmp_path}",

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ncd.data.catalog import LAYOUTS
 from ncd.config import load_config
+from ncd.data.catalog import LAYOUTS
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from ncd.config import DataConfig, DetectConfig, load_config
 from ncd.data import io
 from ncd.data.catalog import build_manifest, catalog_images
-from ncd.config import DataConfig, DetectConfig, load_config
+from ncd.data.io import DataError
 from ncd.detect import Features, detect_category, detect_local, plan_detection, write_detector_maps
 from ncd.detect.run import reference_sample, stratified_subsets
 from ncd.detect.scoring import _faiss_rows, _exact_rows, bank_scores, mutual_scores, rescore, smallest_count
-from ncd.data.io import DataError
 
 TINY = dict(patch_size=8, embed_dim=32, depth=4, num_heads=2)
 TINY_DETECT = ["detect.weights=random", "detect.backbone=vit_tiny_patch16_224", "detect.image_size=32",

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.train.engine import LocalContext, train
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.catalog import build_manifest
 from ncd.data.synthetic import SyntheticSpec, write_base_set, write_dataset
+from ncd.preprocess.regions import preprocess_manifest
+from ncd.train.engine import LocalContext, train
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,8 @@ def test_training_refuses_invalid_config_and_unresolved_k(tables):
 def test_train_step_never_synchronises_with_the_device(method):
     """A step only enqueues work: any host-device synchronisation (a boolean-mask
     selection, an indexed write, a pageable copy) stalls the kernel launches behind it."""
-    from ncd.train.engine import parameter_groups, train_step
     from ncd.methods import build_model, guide_columns, make_objective
+    from ncd.train.engine import parameter_groups, train_step
 
     dev = torch.device("cuda")
     cfg = load_config(None, ["model.backbone=vit_small_patch16_224", "model.weights=random", f"method={method}"])

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 import tifffile
 
-from ncd.data import io
 from ncd.config import S3Config
+from ncd.data import io
 from ncd.data.io import DataError, StorageError
 
 

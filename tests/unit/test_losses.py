@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ncd.train import dist as ncd_dist
 from ncd.config import LossConfig
+from ncd.train import dist as ncd_dist
 from ncd.losses import (
     corrected_targets,
     info_nce,

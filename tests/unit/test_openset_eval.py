@@ -1,8 +1,8 @@
 import pyarrow.compute as pc
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import load_config
+from ncd.data.catalog import build_manifest
 from ncd.evaluate.openset_eval import held_out_auroc, open_set_protocol
 from ncd.pipeline import LOCAL_STAGES, Stages
 from ncd.preprocess.regions import preprocess_manifest

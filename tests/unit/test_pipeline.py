@@ -35,8 +35,8 @@ def test_discover_single_process(demo_root, tmp_path):
     assert (tmp_path / "models" / "plate.pt").exists() and (tmp_path / "models" / "fabric.pt").exists()
     # the clusters were refined after training, and the saved model predicts with the refined prototypes
     assert set(summary["refine"]) == {"fabric", "plate"} and summary["image_metrics_before_refine"]["mean"]["nmi"] >= 0
-    from ncd.pipeline import local_infer
     from ncd.infer.predict import load_model, region_probabilities
+    from ncd.pipeline import local_infer
 
     regions = read_table(str(tmp_path / "regions"))
     plate = regions.filter(np.asarray(regions.column("category").to_pylist()) == "plate")
@@ -50,9 +50,9 @@ def test_discover_single_process(demo_root, tmp_path):
 
 def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_root, tmp_path):
     from ncd.data.catalog import build_manifest
+    from ncd.data.region_table import canonical_order
     from ncd.pipeline import local_preprocess
     from ncd.preprocess.regions import preprocess_manifest
-    from ncd.data.region_table import canonical_order
 
     def cfg_with(*sets):
         return load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", f"preprocess.output={tmp_path}",
@@ -79,11 +79,11 @@ def test_k_is_never_taken_from_labels_unless_asked(demo_root):
     import pyarrow as pa
     import pytest
 
-    from ncd.data.catalog import build_manifest
     from ncd.config import ConfigError, apply_overrides
+    from ncd.data.catalog import build_manifest
+    from ncd.evaluate.k_estimation import estimate_k
     from ncd.pipeline import choose_k, frozen_features, k_label, summary_text
     from ncd.preprocess.regions import preprocess_manifest
-    from ncd.evaluate.k_estimation import estimate_k
     from ncd.validation import validate
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
@@ -221,8 +221,8 @@ def test_rerun_after_one_map_changed_trains_afresh_not_the_old_model(tmp_path, c
     import cv2
 
     from ncd.data.catalog import build_manifest
-    from ncd.pipeline import local_preprocess, local_train
     from ncd.data.synthetic import SyntheticSpec, write_dataset
+    from ncd.pipeline import local_preprocess, local_train
 
     root = write_dataset(tmp_path / "data", SyntheticSpec(categories=("plate",), images_per_family=2,
                                                           normal_images=2, image_size=64, seed=3))

@@ -51,11 +51,11 @@ def test_inference_on_a_category_the_model_never_saw_warns(demo_root):
 
     import pytest
 
-    from ncd.data.catalog import build_manifest
     from ncd.config import load_config
+    from ncd.data.catalog import build_manifest
+    from ncd.infer.predict import UnseenCategoryWarning, warn_unseen_categories
     from ncd.model.ncd_model import build_ncd_model
     from ncd.pipeline import local_infer
-    from ncd.infer.predict import UnseenCategoryWarning, warn_unseen_categories
     from ncd.preprocess.regions import preprocess_manifest
 
     cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}"])

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from timm.models.vision_transformer import VisionTransformer
 
-from ncd.data import io
 from ncd.config import LossConfig, ModelConfig, ProtoConfig
-from ncd.preprocess.crops import padded_crop
+from ncd.data import io
 from ncd.data.io import DataError
 from ncd.losses import info_nce, supcon
 from ncd.model.mask_attention import MaskGuidedViT, hard_key_bias, patch_coverage
+from ncd.preprocess.crops import padded_crop
 from ncd.proto.guidance import RegionGuidance, rgf_key_bias, soft_key_bias
 from ncd.proto.k_estimation import accuracy_score, best_k_by_prototype_score, centroid_score, prototype_score
 from ncd.proto.losses import (

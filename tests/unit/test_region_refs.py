@@ -2,12 +2,12 @@
 import pyarrow.compute as pc
 import pytest
 
-from ncd.data.catalog import build_manifest
 from ncd.config import load_config
+from ncd.data.catalog import build_manifest
 from ncd.data.io import DataError
-from ncd.preprocess.regions import preprocess_manifest
 from ncd.data.region_refs import HEAVY_COLUMNS, full_rows, is_light, light_regions, read_rows, source_of
 from ncd.data.region_table import read_regions, write_regions
+from ncd.preprocess.regions import preprocess_manifest
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import time
 
 import pyarrow as pa
 
+from ncd.config import load_config
 from ncd.data import io
 from ncd.data.catalog import build_manifest
-from ncd.config import load_config
 from ncd.data.region_table import STALE_AFTER_S, plan_preprocess
 
 

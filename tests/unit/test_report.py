@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from ncd.evaluate import report
-from ncd.data.catalog import build_manifest
 from ncd.config import CropConfig, DataConfig, MebinConfig, S3Config
-from ncd.evaluate.predictions import evaluate_predictions
+from ncd.data.catalog import build_manifest
 from ncd.data.io import DataError
+from ncd.evaluate import report
 from ncd.evaluate.metrics import confusion_matrix_matched, hungarian_mapping
 from ncd.evaluate.plots import OUTLINE_RGB, UNKNOWN
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.evaluate.predictions import evaluate_predictions
 from ncd.evaluate.report import cluster_summary, level_data, write_report
+from ncd.preprocess.regions import preprocess_manifest
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ncd.data.catalog import build_manifest
 from ncd.config import load_config
-from ncd.methods import build_model, make_objective
-from ncd.infer.predict import TrainedModel
-from ncd.preprocess.regions import preprocess_manifest
+from ncd.data.catalog import build_manifest
 from ncd.evaluate.selection import cluster_score, score_sample
+from ncd.infer.predict import TrainedModel
+from ncd.methods import build_model, make_objective
+from ncd.preprocess.regions import preprocess_manifest
 
 SEARCHED = ["loss.memax_weight=8.0", "loss.sup_weight=0.1", "loss.teacher_temp=0.2", "train.lr=0.5",
             "train.seed=7"]

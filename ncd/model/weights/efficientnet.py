@@ -16,8 +16,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ncd.model.weights.installed import package_file
 from ncd.model.weights.errors import INSTALL_HINT, WeightsError
+from ncd.model.weights.installed import package_file
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from ncd.model.weights.cache import cache_path, cached_state_dict, file_key
-from ncd.model.weights.installed import package_file
 from ncd.model.weights.errors import INSTALL_HINT, WeightsError
+from ncd.model.weights.installed import package_file
 
 if TYPE_CHECKING:
     import onnx
