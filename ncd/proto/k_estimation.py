@@ -19,9 +19,11 @@ into the centroid score were not readable here. ncd's reading, documented as suc
 - prototype score = accuracy + centroid score; without labelled rows, the centroid
   score alone (AnomalyNCD runs often have no labelled base set).
 
-:func:`best_k_by_prototype_score` is the label-free fast path: spherical FAISS k-means per K instead of
-one training per K (the Tune grid trains one model per K and scores its prototypes
-with :func:`prototype_score`).
+:func:`best_k_by_prototype_score` scores spherical FAISS k-means per K instead of one
+training per K, with labelled rows when given (the Tune grid trains one model per K and
+scores its prototypes with :func:`prototype_score`). ``train.num_novel=auto`` uses the
+label-free criterion ``infer.k_criterion=prototype`` (``ncd.evaluate.k_criteria``: the
+centroid score on the partitions every criterion shares), not this function.
 """
 from __future__ import annotations
 
