@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +22,13 @@ import pyarrow as pa
 from mtd_common import METRICS, image_level
 
 from ncd.cluster.kmeans import kmeans
-from ncd.config import ExperimentConfig, apply_overrides
+from ncd.config import ExperimentConfig, RefineConfig, apply_overrides
 from ncd.infer.features import VIEWS, frozen_region_features
 from ncd.evaluate.k_estimation import estimate_k, l2_normalise
 from ncd.evaluate.metrics import per_category_metrics
 from ncd.model.backbone import load_backbone
 from ncd.model.weights import efficientnet
+from ncd.train.refine import refine_prototypes
 
 SIZES = (112, 160, 224)
 BLOCKS = tuple(range(4, 9))
@@ -105,6 +107,21 @@ def cluster_images(categories: list, truth: list, x: np.ndarray, seed: int) -> d
         idx = np.flatnonzero(cats == c)
         k = len({truth[i] for i in idx})
         labels[idx] = kmeans(x[idx], k, seed=seed, spherical=True, nredo=KMEANS_RESTARTS).labels
+    return per_category_metrics(categories, truth, labels)["mean"]
+
+
+def refined_images(categories: list, truth: list, x: np.ndarray, seed: int, cfg: RefineConfig,
+                   temperature: float) -> dict[str, float]:
+    """``cluster_images`` followed by ncd's refinement (``ncd.train.refine``, k-means start) of each
+    category's clusters on the same image features: the refinement stage without training."""
+    cats = np.asarray(categories)
+    labels = np.zeros(len(x), np.int64)
+    start = replace(cfg, init="kmeans", kmeans_restarts=KMEANS_RESTARTS)
+    for c in dict.fromkeys(categories):
+        idx = np.flatnonzero(cats == c)
+        k = len({truth[i] for i in idx})
+        protos = refine_prototypes(x[idx], np.zeros((k, x.shape[1]), np.float32), temperature, start, seed).prototypes
+        labels[idx] = (x[idx] @ protos.T).argmax(1)
     return per_category_metrics(categories, truth, labels)["mean"]
 
 

@@ -32,7 +32,7 @@ from ncd.infer.predict import (TrainedModel, image_predictions, region_predictio
                          warn_unseen_categories)
 from ncd.preprocess.input_checks import input_checks, input_notes
 from ncd.data.io import DataError
-from ncd.train.refine import refine_summary, refine_trained
+from ncd.train.refine import RefineResult, refine_summary, refine_trained
 from ncd.data.region_refs import is_light
 from ncd.data.region_table import REGIONS_DIR, read_regions, update_regions
 from ncd.validation import validate
@@ -206,6 +206,21 @@ def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table,
     return {"image": evaluate_predictions(image_pred, k=k), "region": evaluate_predictions(region_pred, k=k)}
 
 
+def refine_report(name: str, refined: RefineResult, head_images: pa.Table, cfg: ExperimentConfig,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
+    """What the refinement did to one model's clusters, shown and returned for the summary; a
+    warning when the trained heads had collapsed (the refinement may hide it)."""
+    progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
+             f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
+    head_health = cluster_health(head_images.column("cluster").to_numpy(), cfg.train.num_novel,
+                                 cfg.infer.collapse_share)
+    if head_health["collapsed"]:
+        log.warning(f"{name}: the trained heads collapsed ({head_health['largest_share']:.0%} of the images in one "
+                    f"cluster, {head_health['clusters_used']} of K={cfg.train.num_novel} used); the clusters reported "
+                    "are the refinement's, from k-means of the trained features")
+    return {**refine_summary(refined), "head_health": head_health}
+
+
 def with_detected_maps(cfg: ExperimentConfig, stages: Stages, progress: Callable[[str], None]) -> ExperimentConfig:
     """``cfg`` unchanged when the dataset has maps; else the built-in detector writes them
     to ``detect.output`` (default ``<output>/maps``) and ``data.maps`` points there."""
@@ -278,15 +293,12 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         done()
         done = stage(5, "infer" + label)
         outputs = stages.infer(trained, part)
-        if cfg.refine.enabled and true_k(part):
-            raw_probs = region_probabilities(trained, outputs.logits)
-            raw_image_preds.append(image_predictions(part, raw_probs, cfg.infer.area_temperature,
-                                                     cfg.infer.unknown_threshold)[0])
+        head_images = image_predictions(part, region_probabilities(trained, outputs.logits),
+                                        cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0]
         trained, outputs, refined = refine_trained(trained, outputs, part_cfg.train.seed)
         if refined is not None:
-            refine_infos[name] = refine_summary(refined)
-            progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
-                     f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
+            raw_image_preds.append(head_images)
+            refine_infos[name] = refine_report(name, refined, head_images, part_cfg, progress)
         probs = region_probabilities(trained, outputs.logits)
         region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
         image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])

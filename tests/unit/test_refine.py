@@ -57,3 +57,23 @@ def test_tiny_sets_do_not_fail(n):
     x = unit_rows(np.random.default_rng(0).normal(size=(n, 8)))
     result = refine_prototypes(x, unit_rows(np.eye(2, 8)), 0.1, RefineConfig(init="head", steps=5))
     assert result.prototypes.shape == (2, 8) and np.isfinite(result.prototypes).all()
+
+
+def test_a_collapse_of_the_trained_heads_is_reported_even_when_the_refinement_repairs_it(caplog):
+    import logging
+
+    import pyarrow as pa
+
+    from ncd.config import ExperimentConfig, apply_overrides
+    from ncd.pipeline import refine_report
+    from ncd.train.refine import RefineResult
+
+    cfg = apply_overrides(ExperimentConfig(), ["train.num_novel=3"])
+    head_images = pa.table({"cluster": pa.array([0] * 30, pa.int32())})  # every image in one cluster
+    refined = RefineResult(np.eye(3, 4, dtype=np.float32), 0.66, 1.0, 0.34)
+    shown = []
+    with caplog.at_level(logging.WARNING):
+        info = refine_report("plate", refined, head_images, cfg, shown.append)
+    assert info["head_health"]["collapsed"] and info["changed_share"] == 0.66
+    assert "plate: the trained heads collapsed (100% of the images in one cluster" in caplog.text
+    assert "66% of regions moved, largest cluster 100% -> 34%" in shown[0]
