@@ -4,10 +4,12 @@ For one defect type: train without any of its regions (K = the seen types, in it
 folder ``<output>/openset/<type>``, so no split resumes another's model), infer on
 every image, and measure how well the rejection score separates the held-out type's
 images from the seen types' images (AUROC; 1.0 = every held-out image scores lower).
-Two rejection scores of an image are measured: ``posterior``, its merged best novel
-probability (the vMF posterior in ProtoAnomalyNCD mode, the softmax posterior in
-AnomalyNCD mode), and ``similarity``, its best area-merged cosine to a novel prototype
-(PROTO.md allows either).
+The model is refined on the seen regions first, as ``ncd train`` does. Three rejection
+scores of an image are measured: ``posterior``, its merged best novel probability (the
+vMF posterior in ProtoAnomalyNCD mode, the softmax posterior in AnomalyNCD mode),
+``similarity``, its best area-merged cosine to a novel prototype (PROTO.md allows
+either), and ``nearest``, the area-merged cosine of its regions to the nearest training
+region of another image.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import pyarrow.compute as pc
 from ncd.config import ExperimentConfig, apply_overrides
 from ncd.data import io
 from ncd.data.region_table import category_dir
+from ncd.infer.forward import RegionOutputs
 from ncd.infer.merge import merge_regions
 from ncd.infer.predict import image_predictions, region_probabilities
 from ncd.proto.openset import auroc
+from ncd.train.refine import head_logits, refine_trained
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,10 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
                                       f"output={io.join(cfg.output, 'openset', category_dir(held_out))}"])
     trained = stages.train(split_cfg, seen, base)
     outputs = stages.infer(trained, regions)
+    is_seen = np.asarray(types.to_pylist()) != held_out
+    trained, _, _ = refine_trained(trained, RegionOutputs(outputs.feat[is_seen], [z[is_seen] for z in outputs.logits]),
+                                   split_cfg.train.seed)  # as ncd train: the model file holds refined prototypes
+    outputs = RegionOutputs(outputs.feat, head_logits(trained, outputs.feat))
     probs = region_probabilities(trained, outputs.logits)
     images, merged = image_predictions(regions, probs, cfg.infer.area_temperature)
     is_held = np.asarray(images.column("gt_type").to_pylist()) == held_out
@@ -48,10 +56,27 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
     _, merged_cos = merge_regions(regions.column("image_id").to_pylist(), cosines,
                                   np.asarray(regions.column("area").to_pylist(), np.float64), cfg.infer.area_temperature)
     similarity = merged_cos.max(axis=1)
+    image_ids = regions.column("image_id").to_pylist()
+    _, merged_nn = merge_regions(image_ids, nearest_other_image_similarity(outputs.feat, image_ids, is_seen)[:, None],
+                                 np.asarray(regions.column("area").to_pylist(), np.float64), cfg.infer.area_temperature)
+    nearest = merged_nn[:, 0]
     return {"auroc": auroc(score[~is_held], score[is_held]),
-            "auroc_similarity": auroc(similarity[~is_held], similarity[is_held]), "k_seen": k_seen,
+            "auroc_similarity": auroc(similarity[~is_held], similarity[is_held]),
+            "auroc_nearest": auroc(nearest[~is_held], nearest[is_held]), "k_seen": k_seen,
             "held_out_images": int(is_held.sum()), "seen_images": int((~is_held).sum()),
             "mean_score_seen": float(score[~is_held].mean()), "mean_score_held_out": float(score[is_held].mean())}
+
+
+def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], in_bank: np.ndarray) -> np.ndarray:
+    """Each region's highest cosine similarity to a bank region (``in_bank`` rows: the training
+    regions) of another image: the nearest-neighbour familiarity score (PatchCore's k=1 rule).
+    Regions of the region's own image are left out, so a training image is not its own neighbour."""
+    x = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+    bank = np.flatnonzero(in_bank)
+    sim = x @ x[bank].T
+    ids = np.asarray(image_ids)
+    sim[ids[:, None] == ids[bank][None, :]] = -np.inf
+    return sim.max(axis=1)
 
 
 def open_set_protocol(cfg: ExperimentConfig, regions: pa.Table, stages: Any, types: list[str] | None = None,
@@ -61,9 +86,11 @@ def open_set_protocol(cfg: ExperimentConfig, regions: pa.Table, stages: Any, typ
     per_type = {}
     for t in types:
         per_type[t] = held_out_auroc(cfg, regions, t, stages, base)
-        log.info("held out %s: AUROC %.3f (posterior), %.3f (similarity)", t, per_type[t]["auroc"],
-                 per_type[t]["auroc_similarity"])
+        log.info("held out %s: AUROC %.3f (posterior), %.3f (similarity), %.3f (nearest)", t, per_type[t]["auroc"],
+                 per_type[t]["auroc_similarity"], per_type[t]["auroc_nearest"])
     return {"auroc": float(np.mean([r["auroc"] for r in per_type.values()])),
             "auroc_similarity": float(np.mean([r["auroc_similarity"] for r in per_type.values()])),
+            "auroc_nearest": float(np.mean([r["auroc_nearest"] for r in per_type.values()])),
+            "per_type_nearest": {t: r["auroc_nearest"] for t, r in per_type.items()},
             "per_type": {t: r["auroc"] for t, r in per_type.items()},
             "per_type_similarity": {t: r["auroc_similarity"] for t, r in per_type.items()}, "details": per_type}

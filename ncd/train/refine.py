@@ -104,7 +104,7 @@ def refine_trained(trained: TrainedModel, outputs: RegionOutputs, seed: int = 0
     place: the model's weights change) and the outputs' logits recomputed; unchanged, with
     no result, when ``refine.enabled`` is false or there is nothing to refine."""
     cfg = trained.cfg.refine
-    if not cfg.enabled or cfg.steps == 0 or len(outputs.feat) == 0:
+    if not cfg.enabled or len(outputs.feat) == 0:
         return trained, outputs, None
     heads = trained.model.heads
     base = heads.num_base
@@ -112,9 +112,14 @@ def refine_trained(trained: TrainedModel, outputs: RegionOutputs, seed: int = 0
     result = refine_prototypes(outputs.feat, head_protos, prediction_temperature(trained.cfg), cfg, seed)
     with torch.no_grad():
         heads.weight[trained.head, base:] = torch.from_numpy(result.prototypes).to(heads.weight)
-        feat = torch.from_numpy(outputs.feat).to(heads.weight)
-        logits = [z.float().cpu().numpy() for z in heads(feat)]
-    return trained, RegionOutputs(feat=outputs.feat, logits=logits), result
+    return trained, RegionOutputs(feat=outputs.feat, logits=head_logits(trained, outputs.feat)), result
+
+
+def head_logits(trained: TrainedModel, feat: np.ndarray) -> list[np.ndarray]:
+    """Every head's logits for (N, D) region features (the heads alone, no backbone pass)."""
+    heads = trained.model.heads
+    with torch.no_grad():
+        return [z.float().cpu().numpy() for z in heads(torch.from_numpy(feat).to(heads.weight))]
 
 
 def refine_summary(result: RefineResult) -> dict[str, float]:

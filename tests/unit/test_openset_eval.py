@@ -31,6 +31,7 @@ def test_held_out_type_never_reaches_training(plate):
     held = regions.filter(pc.equal(regions.column("gt_type"), "scratch"))
     assert result["held_out_images"] == len(set(held.column("image_id").to_pylist()))
     assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["auroc_similarity"] <= 1.0
+    assert 0.0 <= result["auroc_nearest"] <= 1.0
 
 
 def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
@@ -47,5 +48,20 @@ def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
     assert set(result["per_type"]) == {"hole", "crack"}
     assert result["auroc"] == pytest.approx(sum(result["per_type"].values()) / 2)
     assert result["auroc_similarity"] == pytest.approx(sum(result["per_type_similarity"].values()) / 2)
+    assert result["auroc_nearest"] == pytest.approx(sum(result["per_type_nearest"].values()) / 2)
     with pytest.raises(ValueError, match="no regions"):
         held_out_auroc(cfg, regions, "no-such-type", LOCAL_STAGES)
+
+
+def test_nearest_similarity_leaves_out_the_regions_own_image():
+    import numpy as np
+
+    from ncd.evaluate.openset_eval import nearest_other_image_similarity
+
+    feat = np.array([[1, 0], [1, 0.01], [0, 1], [0.6, 0.8]], np.float32)
+    ids = ["a", "a", "b", "c"]
+    in_bank = np.array([True, True, True, False])
+    got = nearest_other_image_similarity(feat, ids, in_bank)
+    # a's regions see only b (cosine ~0), not each other; b sees a; c (not in the bank) sees its nearest bank row
+    assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] == pytest.approx(0.01, abs=1e-3)
+    assert got[2] == pytest.approx(0.01, abs=1e-3) and got[3] == pytest.approx(0.8, abs=1e-3)
