@@ -149,6 +149,7 @@ class InferConfig:
 
     area_temperature: float = 50.0  # 100 for MVTec AD
     unknown_threshold: float = 0.0  # 0 disables the "unknown" label
+    unknown_familiarity: float = 0.0  # > 0: "unknown" below this similarity to the nearest training region
     batch_size: int = 64
     k_min: int = 2  # K estimation range of train.num_novel=auto, both modes
     k_max: int = 12

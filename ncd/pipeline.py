@@ -28,7 +28,8 @@ from ncd.evaluate.health import CollapseError, cluster_health, collapse_message
 from ncd.infer.forward import RegionOutputs, forward_regions
 from ncd.evaluate.k_estimation import KEstimate, estimate_k
 from ncd.methods import build_model, guide_columns
-from ncd.infer.predict import (TrainedModel, image_predictions, region_predictions, region_probabilities, save_model,
+from ncd.infer.rejection import attach_bank, prediction_tables
+from ncd.infer.predict import (TrainedModel, image_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
 from ncd.preprocess.input_checks import input_checks, input_notes
 from ncd.data.io import DataError
@@ -299,9 +300,10 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         if refined is not None:
             raw_image_preds.append(head_images)
             refine_infos[name] = refine_report(name, refined, head_images, part_cfg, progress)
-        probs = region_probabilities(trained, outputs.logits)
-        region_preds.append(region_predictions(part, probs, cfg.infer.unknown_threshold))
-        image_preds.append(image_predictions(part, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0])
+        attach_bank(trained, outputs.feat, part.column("image_id").to_pylist())
+        region_table, image_table = prediction_tables(trained, part, outputs)
+        region_preds.append(region_table)
+        image_preds.append(image_table)
         healths[name] = cluster_health(image_preds[-1].column("cluster").to_numpy(), part_cfg.train.num_novel,
                                        cfg.infer.collapse_share)
         if healths[name]["collapsed"]:

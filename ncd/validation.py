@@ -99,6 +99,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "train.on_stale_checkpoint": _one_of(STALE_POLICIES),
     "infer.area_temperature": _positive,
     "infer.unknown_threshold": _unit,
+    "infer.unknown_familiarity": _unit,
     "infer.batch_size": _at_least(1),
     "infer.k_min": _at_least(2),
     "infer.k_criterion": _one_of(tuple(CRITERIA)),

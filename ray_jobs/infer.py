@@ -176,7 +176,7 @@ def _ordered_outputs(batches: list[dict[str, np.ndarray]], keys: tuple[str, ...]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ncd.infer.predict import image_predictions, region_predictions, region_probabilities
+    from ncd.infer.rejection import prediction_tables
     from ncd.pipeline import write_predictions
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -203,10 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     outputs = run_inference(trained, args.regions, args.num_actors, args.use_gpu, s3=s3)
     if len(outputs.feat) != regions.num_rows:
         raise RuntimeError(f"inference returned {len(outputs.feat)} rows for {regions.num_rows} regions")
-    cfg = trained.cfg
-    probs = region_probabilities(trained, outputs.logits)
-    write_predictions(args.out, "region_predictions", region_predictions(regions, probs, cfg.infer.unknown_threshold), s3)
-    images, _ = image_predictions(regions, probs, cfg.infer.area_temperature, cfg.infer.unknown_threshold)
+    region_table, images = prediction_tables(trained, regions, outputs)
+    write_predictions(args.out, "region_predictions", region_table, s3)
     write_predictions(args.out, "image_predictions", images, s3)
     print(f"{regions.num_rows} regions, {images.num_rows} images -> {io.join(args.out, 'image_predictions.parquet')}")
 

@@ -25,6 +25,7 @@ from ncd.data import io
 from ncd.data.region_table import category_dir
 from ncd.infer.forward import RegionOutputs
 from ncd.infer.merge import merge_regions
+from ncd.infer.rejection import attach_bank, image_familiarity, region_familiarity
 from ncd.infer.predict import image_predictions, region_probabilities
 from ncd.proto.openset import auroc
 from ncd.train.refine import head_logits, refine_trained
@@ -57,26 +58,13 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
                                   np.asarray(regions.column("area").to_pylist(), np.float64), cfg.infer.area_temperature)
     similarity = merged_cos.max(axis=1)
     image_ids = regions.column("image_id").to_pylist()
-    _, merged_nn = merge_regions(image_ids, nearest_other_image_similarity(outputs.feat, image_ids, is_seen)[:, None],
-                                 np.asarray(regions.column("area").to_pylist(), np.float64), cfg.infer.area_temperature)
-    nearest = merged_nn[:, 0]
+    attach_bank(trained, outputs.feat[is_seen], np.asarray(image_ids, dtype=object)[is_seen].tolist())
+    nearest = image_familiarity(regions, region_familiarity(trained, outputs.feat, image_ids), cfg.infer.area_temperature)
     return {"auroc": auroc(score[~is_held], score[is_held]),
             "auroc_similarity": auroc(similarity[~is_held], similarity[is_held]),
             "auroc_nearest": auroc(nearest[~is_held], nearest[is_held]), "k_seen": k_seen,
             "held_out_images": int(is_held.sum()), "seen_images": int((~is_held).sum()),
             "mean_score_seen": float(score[~is_held].mean()), "mean_score_held_out": float(score[is_held].mean())}
-
-
-def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], in_bank: np.ndarray) -> np.ndarray:
-    """Each region's highest cosine similarity to a bank region (``in_bank`` rows: the training
-    regions) of another image: the nearest-neighbour familiarity score (PatchCore's k=1 rule).
-    Regions of the region's own image are left out, so a training image is not its own neighbour."""
-    x = feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
-    bank = np.flatnonzero(in_bank)
-    sim = x @ x[bank].T
-    ids = np.asarray(image_ids)
-    sim[ids[:, None] == ids[bank][None, :]] = -np.inf
-    return sim.max(axis=1)
 
 
 def open_set_protocol(cfg: ExperimentConfig, regions: pa.Table, stages: Any, types: list[str] | None = None,

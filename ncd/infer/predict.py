@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -45,6 +45,8 @@ class TrainedModel:
     cfg: ExperimentConfig
     class_map: dict[str, Any]
     head: int
+    bank: np.ndarray | None = None  # unit features of the training regions (ncd.infer.rejection)
+    bank_images: list[str] = field(default_factory=list)
 
 
 def _labels(probs: np.ndarray, unknown_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -122,8 +124,12 @@ def region_probabilities(trained: TrainedModel, logits: list[np.ndarray]) -> np.
 
 def model_state(trained: TrainedModel) -> dict[str, Any]:
     """Everything needed to rebuild ``trained`` (``model_from_state``)."""
-    return {"model": trained.model.state_dict(), "config": public_dict(trained.cfg), "class_map": trained.class_map,
-            "head": trained.head}
+    state = {"model": trained.model.state_dict(), "config": public_dict(trained.cfg), "class_map": trained.class_map,
+             "head": trained.head}
+    if trained.bank is not None:
+        state["bank"] = torch.from_numpy(np.ascontiguousarray(trained.bank, np.float16))
+        state["bank_images"] = list(trained.bank_images)
+    return state
 
 
 def save_model(trained: TrainedModel, uri: str, s3: S3Config | None = None) -> None:
@@ -151,7 +157,9 @@ def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") 
         from ncd.model.heads import select_head
 
         head = select_head(state["head_losses"])
-    return TrainedModel(model.to(device).eval(), cfg, cm, int(head))
+    bank = state.get("bank")
+    return TrainedModel(model.to(device).eval(), cfg, cm, int(head), None if bank is None else bank.numpy(),
+                        list(state.get("bank_images", [])))
 
 
 def load_model(uri: str, s3: S3Config | None = None, device: torch.device | str = "cpu") -> TrainedModel:

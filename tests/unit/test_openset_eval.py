@@ -56,12 +56,13 @@ def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
 def test_nearest_similarity_leaves_out_the_regions_own_image():
     import numpy as np
 
-    from ncd.evaluate.openset_eval import nearest_other_image_similarity
+    from ncd.infer.rejection import nearest_other_image_similarity, unit_features
 
     feat = np.array([[1, 0], [1, 0.01], [0, 1], [0.6, 0.8]], np.float32)
     ids = ["a", "a", "b", "c"]
-    in_bank = np.array([True, True, True, False])
-    got = nearest_other_image_similarity(feat, ids, in_bank)
+    got = nearest_other_image_similarity(feat, ids, unit_features(feat[:3]), ids[:3])
     # a's regions see only b (cosine ~0), not each other; b sees a; c (not in the bank) sees its nearest bank row
     assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] == pytest.approx(0.01, abs=1e-3)
     assert got[2] == pytest.approx(0.01, abs=1e-3) and got[3] == pytest.approx(0.8, abs=1e-3)
+    alone = nearest_other_image_similarity(feat[:1], ["a"], unit_features(feat[:2]), ["a", "a"])
+    assert alone.tolist() == [-1.0]  # only its own image in the bank

@@ -46,6 +46,10 @@ def test_discover_single_process(demo_root, tmp_path):
     ids = plate.column("region_id").to_pylist()
     by_id = dict(zip(written.column("region_id").to_pylist(), written.column("cluster").to_pylist()))
     assert again.tolist() == [by_id[i] for i in ids]
+    # the model file keeps its training regions' features: every image gets a familiarity in [-1, 1]
+    assert trained.bank is not None and len(trained.bank_images) == plate.num_rows
+    familiarity = images.column("familiarity").to_numpy()
+    assert np.isfinite(familiarity).all() and (familiarity <= 1.0001).all() and (familiarity >= -1.0001).all()
 
 
 def test_local_preprocess_matches_in_memory_and_skips_complete_categories(demo_root, tmp_path):

@@ -104,3 +104,32 @@ def test_infer_job_with_a_truncated_model_file_exits_with_one_line_naming_it(tmp
     message = str(exit_.value.code)
     assert message.startswith(f"ray_jobs.infer: error: cannot load model file {path}: ") and "truncated" in message
     assert "\n" not in message and not (tmp_path / "out").exists()
+
+
+def test_familiarity_travels_with_the_model_file_and_rejects_the_unfamiliar(tmp_path):
+    from ncd.config import apply_overrides, load_config
+    from ncd.infer.forward import RegionOutputs
+    from ncd.infer.rejection import attach_bank, prediction_tables
+    from ncd.model.ncd_model import build_ncd_model
+
+    cfg = apply_overrides(load_config("ncd/configs/demo_smoke.yaml"), ["infer.unknown_familiarity=0.5"])
+    model = build_ncd_model(cfg.model, 0, 2).eval()
+    dim = model.feature_dim
+    train_feat = np.zeros((3, dim), np.float32)
+    train_feat[[0, 1, 2], [0, 0, 1]] = 1.0  # images a and b share a direction, c has its own
+    trained = attach_bank(TrainedModel(model, cfg, {"num_base": 0, "num_novel": 2}, 0), train_feat, ["a", "b", "c"])
+    save_model(trained, str(tmp_path / "m.pt"))
+    loaded = load_model(str(tmp_path / "m.pt"))
+    assert loaded.bank.dtype == np.float16 and loaded.bank.shape == (3, dim) and loaded.bank_images == ["a", "b", "c"]
+
+    new_feat = np.zeros((4, dim), np.float32)
+    new_feat[[0, 1, 2, 3], [0, 1, 2, 2]] = 1.0  # like a/b, like c, unlike anything (twice, one image)
+    regions = _regions(["a", "c", "z", "z"], [10, 10, 10, 10])
+    logits = [np.zeros((4, 2), np.float32)]
+    region_table, image_table = prediction_tables(loaded, regions, RegionOutputs(new_feat, logits))
+    # a's own bank row is left out, but b is as close; c's only match is itself: left out, nothing else close
+    assert region_table.column("familiarity").to_pylist() == [1.0, 0.0, 0.0, 0.0]
+    assert region_table.column("cluster").to_pylist()[0] != UNKNOWN
+    assert region_table.column("cluster").to_pylist()[1:] == [UNKNOWN] * 3
+    assert image_table.column("image_id").to_pylist() == ["a", "c", "z"]
+    assert image_table.column("cluster").to_pylist()[1:] == [UNKNOWN, UNKNOWN]
