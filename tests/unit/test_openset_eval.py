@@ -31,7 +31,7 @@ def test_held_out_type_never_reaches_training(plate):
     held = regions.filter(pc.equal(regions.column("gt_type"), "scratch"))
     assert result["held_out_images"] == len(set(held.column("image_id").to_pylist()))
     assert 0.0 <= result["auroc"] <= 1.0 and 0.0 <= result["auroc_similarity"] <= 1.0
-    assert 0.0 <= result["auroc_nearest"] <= 1.0
+    assert 0.0 <= result["auroc_nearest"] <= 1.0 and 0.0 <= result["auroc_nearest_half"] <= 1.0
 
 
 def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
