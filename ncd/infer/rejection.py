@@ -24,18 +24,23 @@ def unit_features(feat: np.ndarray) -> np.ndarray:
 
 
 def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], bank: np.ndarray,
-                                   bank_images: list[str], chunk: int = 4096) -> np.ndarray:
+                                   bank_images: list[str], max_chunk_cells: int = 1 << 25) -> np.ndarray:
     """Each region's highest cosine similarity to a ``bank`` row (unit features) of another
-    image; -1 where the bank holds only the region's own image."""
+    image; -1 where the bank holds only the region's own image. Works in row chunks of at
+    most ``max_chunk_cells`` similarities (128 MiB), whatever the bank's size."""
     x = unit_features(feat)
     bank = np.asarray(bank, np.float32)
-    ids, owners = np.asarray(image_ids, dtype=object), np.asarray(bank_images, dtype=object)
+    _, codes = np.unique(np.asarray([*map(str, image_ids), *map(str, bank_images)], dtype=object).astype(str),
+                         return_inverse=True)
+    ids, owners = codes[:len(x)], codes[len(x):]
     out = np.full(len(x), -1.0, np.float32)
+    if len(bank) == 0:
+        return out
+    chunk = max(1, max_chunk_cells // len(bank))
     for start in range(0, len(x), chunk):
         sim = x[start:start + chunk] @ bank.T
         sim[ids[start:start + chunk, None] == owners[None, :]] = -np.inf
-        if sim.shape[1]:
-            out[start:start + chunk] = np.maximum(sim.max(axis=1), -1.0)
+        out[start:start + chunk] = np.maximum(sim.max(axis=1), -1.0)
     return out
 
 

@@ -66,3 +66,19 @@ def test_nearest_similarity_leaves_out_the_regions_own_image():
     assert got[2] == pytest.approx(0.01, abs=1e-3) and got[3] == pytest.approx(0.8, abs=1e-3)
     alone = nearest_other_image_similarity(feat[:1], ["a"], unit_features(feat[:2]), ["a", "a"])
     assert alone.tolist() == [-1.0]  # only its own image in the bank
+
+
+def test_nearest_similarity_is_the_same_in_small_chunks():
+    import numpy as np
+
+    from ncd.infer.rejection import nearest_other_image_similarity, unit_features
+
+    rng = np.random.default_rng(0)
+    feat = rng.normal(size=(50, 8)).astype(np.float32)
+    ids = [f"img{i // 3}" for i in range(50)]
+    bank, owners = unit_features(feat[:30]), ids[:30]
+    whole = nearest_other_image_similarity(feat, ids, bank, owners)
+    chunked = nearest_other_image_similarity(feat, ids, bank, owners, max_chunk_cells=31)  # one row per chunk
+    np.testing.assert_allclose(whole, chunked, atol=1e-6)  # BLAS may round chunks differently
+    empty = nearest_other_image_similarity(feat[:2], ids[:2], np.zeros((0, 8), np.float32), [])
+    assert empty.tolist() == [-1.0, -1.0]
