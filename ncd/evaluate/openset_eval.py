@@ -35,6 +35,12 @@ from ncd.train.refine import head_logits, refine_trained
 log = logging.getLogger(__name__)
 
 
+def in_bank_half(image_id: str) -> bool:
+    """Whether an image belongs to the half of the seen images the stricter familiarity
+    score keeps in the bank (a fixed hash of its id)."""
+    return int(hashlib.sha1(str(image_id).encode()).hexdigest(), 16) % 2 == 0
+
+
 def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stages: Any,
                    base: pa.Table | None = None) -> dict[str, Any]:
     """Train on every type but ``held_out`` and score the rejection of its images."""
@@ -64,11 +70,10 @@ def held_out_auroc(cfg: ExperimentConfig, regions: pa.Table, held_out: str, stag
     attach_bank(trained, outputs.feat[is_seen], ids[is_seen].tolist())
     nearest = image_familiarity(regions, region_familiarity(trained, outputs.feat, image_ids), cfg.infer.area_temperature)
     # stricter: a bank of half the seen images; the other half is scored as new images of seen types
-    in_half = np.asarray([int(hashlib.sha1(str(i).encode()).hexdigest(), 16) % 2 == 0 for i in ids])
+    in_half = np.asarray([in_bank_half(i) for i in ids])
     attach_bank(trained, outputs.feat[is_seen & in_half], ids[is_seen & in_half].tolist())
     half = image_familiarity(regions, region_familiarity(trained, outputs.feat, image_ids), cfg.infer.area_temperature)
-    image_in_half = np.asarray([int(hashlib.sha1(str(i).encode()).hexdigest(), 16) % 2 == 0
-                                for i in images.column("image_id").to_pylist()])
+    image_in_half = np.asarray([in_bank_half(i) for i in images.column("image_id").to_pylist()])
     new_seen = ~is_held & ~image_in_half
     return {"auroc": auroc(score[~is_held], score[is_held]),
             "auroc_similarity": auroc(similarity[~is_held], similarity[is_held]),

@@ -12,15 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from ncd.evaluate.k_criteria import l2_normalise
 from ncd.infer.merge import merge_regions
 from ncd.infer.forward import RegionOutputs
 from ncd.infer.predict import UNKNOWN, TrainedModel, image_predictions, region_predictions, region_probabilities
-
-
-def unit_features(feat: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as float32."""
-    feat = np.asarray(feat, np.float32)
-    return feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
 
 
 def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], bank: np.ndarray,
@@ -28,7 +23,7 @@ def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], bank:
     """Each region's highest cosine similarity to a ``bank`` row (unit features) of another
     image; -1 where the bank holds only the region's own image. Works in row chunks of at
     most ``max_chunk_cells`` similarities (128 MiB), whatever the bank's size."""
-    x = unit_features(feat)
+    x = l2_normalise(feat)
     bank = np.asarray(bank, np.float32)
     _, codes = np.unique(np.asarray([*map(str, image_ids), *map(str, bank_images)], dtype=object).astype(str),
                          return_inverse=True)
@@ -61,7 +56,7 @@ def with_familiarity(table: pa.Table, familiarity: np.ndarray, threshold: float)
 
 def attach_bank(trained: TrainedModel, feat: np.ndarray, image_ids: list[str]) -> TrainedModel:
     """``trained`` holding the unit features of its training regions (float16) and their images."""
-    trained.bank = unit_features(feat).astype(np.float16)
+    trained.bank = l2_normalise(feat).astype(np.float16)
     trained.bank_images = [str(i) for i in image_ids]
     return trained
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import RefineConfig
+from ncd.evaluate.k_criteria import l2_normalise
 from ncd.infer.forward import RegionOutputs
 from ncd.methods import prediction_temperature
 from ncd.infer.predict import TrainedModel
@@ -33,12 +34,6 @@ class RefineResult:
     end_largest_share: float
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def neighbour_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """(N, k) indices of each row's k most cosine-similar other rows (k clipped to N - 1)."""
     k = max(1, min(k, x.shape[0] - 1))
@@ -50,9 +45,9 @@ def neighbour_indices(x: torch.Tensor, k: int) -> torch.Tensor:
 def start_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, cfg: RefineConfig, seed: int) -> np.ndarray:
     """The (K, D) prototypes refinement starts from: the head's, or spherical k-means centroids."""
     if cfg.init == "head":
-        return unit_rows(head_prototypes)
+        return l2_normalise(head_prototypes)
     k = head_prototypes.shape[0]
-    return unit_rows(kmeans(unit_rows(feats), k, seed=seed, spherical=True, nredo=cfg.kmeans_restarts).centroids)
+    return l2_normalise(kmeans(l2_normalise(feats), k, seed=seed, spherical=True, nredo=cfg.kmeans_restarts).centroids)
 
 
 def _largest_share(labels: torch.Tensor, k: int) -> float:
@@ -67,7 +62,7 @@ def refine_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, temperatur
     ``cfg.neighbours`` nearest), plus ``cfg.entropy_weight * sum(m log m)`` with m the mean
     prediction; ``p = softmax(cos(x, W) / temperature)``. Deterministic given ``seed``.
     """
-    x = torch.from_numpy(unit_rows(feats))
+    x = torch.from_numpy(l2_normalise(feats))
     n, k = x.shape[0], head_prototypes.shape[0]
     start = torch.from_numpy(start_prototypes(feats, head_prototypes, cfg, seed))
     if n < 2 or k < 2:

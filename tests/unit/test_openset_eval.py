@@ -56,27 +56,29 @@ def test_protocol_averages_over_types_each_split_in_its_own_folder(plate):
 def test_nearest_similarity_leaves_out_the_regions_own_image():
     import numpy as np
 
-    from ncd.infer.rejection import nearest_other_image_similarity, unit_features
+    from ncd.evaluate.k_criteria import l2_normalise
+    from ncd.infer.rejection import nearest_other_image_similarity
 
     feat = np.array([[1, 0], [1, 0.01], [0, 1], [0.6, 0.8]], np.float32)
     ids = ["a", "a", "b", "c"]
-    got = nearest_other_image_similarity(feat, ids, unit_features(feat[:3]), ids[:3])
+    got = nearest_other_image_similarity(feat, ids, l2_normalise(feat[:3]), ids[:3])
     # a's regions see only b (cosine ~0), not each other; b sees a; c (not in the bank) sees its nearest bank row
     assert got[0] == pytest.approx(0.0, abs=1e-6) and got[1] == pytest.approx(0.01, abs=1e-3)
     assert got[2] == pytest.approx(0.01, abs=1e-3) and got[3] == pytest.approx(0.8, abs=1e-3)
-    alone = nearest_other_image_similarity(feat[:1], ["a"], unit_features(feat[:2]), ["a", "a"])
+    alone = nearest_other_image_similarity(feat[:1], ["a"], l2_normalise(feat[:2]), ["a", "a"])
     assert alone.tolist() == [-1.0]  # only its own image in the bank
 
 
 def test_nearest_similarity_is_the_same_in_small_chunks():
     import numpy as np
 
-    from ncd.infer.rejection import nearest_other_image_similarity, unit_features
+    from ncd.evaluate.k_criteria import l2_normalise
+    from ncd.infer.rejection import nearest_other_image_similarity
 
     rng = np.random.default_rng(0)
     feat = rng.normal(size=(50, 8)).astype(np.float32)
     ids = [f"img{i // 3}" for i in range(50)]
-    bank, owners = unit_features(feat[:30]), ids[:30]
+    bank, owners = l2_normalise(feat[:30]), ids[:30]
     whole = nearest_other_image_similarity(feat, ids, bank, owners)
     chunked = nearest_other_image_similarity(feat, ids, bank, owners, max_chunk_cells=31)  # one row per chunk
     np.testing.assert_allclose(whole, chunked, atol=1e-6)  # BLAS may round chunks differently

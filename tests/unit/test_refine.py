@@ -3,15 +3,16 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from ncd.config import RefineConfig
-from ncd.train.refine import neighbour_indices, refine_prototypes, unit_rows
+from ncd.evaluate.k_criteria import l2_normalise
+from ncd.train.refine import neighbour_indices, refine_prototypes
 
 
 def blobs(seed: int = 0, k: int = 4, per: int = 60, dim: int = 16, spread: float = 0.35):
     """k noisy clusters of unit vectors and their labels."""
     rng = np.random.default_rng(seed)
-    centres = unit_rows(rng.normal(size=(k, dim)))
+    centres = l2_normalise(rng.normal(size=(k, dim)))
     x = np.concatenate([c + spread * rng.normal(size=(per, dim)) / np.sqrt(dim) for c in centres])
-    return unit_rows(x), np.repeat(np.arange(k), per), centres
+    return l2_normalise(x), np.repeat(np.arange(k), per), centres
 
 
 def assign(x, protos):
@@ -21,7 +22,7 @@ def assign(x, protos):
 def test_neighbours_exclude_the_row_itself_and_clip_to_the_set():
     import torch
 
-    x = torch.from_numpy(unit_rows(np.eye(3, 5) + 0.01))
+    x = torch.from_numpy(l2_normalise(np.eye(3, 5) + 0.01))
     nb = neighbour_indices(x, 10)
     assert nb.shape == (3, 2)
     assert all(i not in nb[i].tolist() for i in range(3))
@@ -30,7 +31,7 @@ def test_neighbours_exclude_the_row_itself_and_clip_to_the_set():
 def test_refinement_repairs_a_poor_start_and_keeps_the_clusters_spread():
     x, truth, centres = blobs()
     # a poor start: two prototypes between clusters, one duplicated
-    start = unit_rows(np.stack([centres[0] + centres[1], centres[1] + centres[2], centres[3], centres[3] + 0.05]))
+    start = l2_normalise(np.stack([centres[0] + centres[1], centres[1] + centres[2], centres[3], centres[3] + 0.05]))
     cfg = RefineConfig(init="head", neighbours=5, steps=1000)
     before = normalized_mutual_info_score(truth, assign(x, start))
     result = refine_prototypes(x, start, 0.1, cfg, seed=0)
@@ -43,7 +44,7 @@ def test_refinement_repairs_a_poor_start_and_keeps_the_clusters_spread():
 
 def test_refinement_is_deterministic_per_seed_and_kmeans_start_ignores_the_head():
     x, truth, _ = blobs(seed=3, spread=0.9)
-    junk = unit_rows(np.random.default_rng(5).normal(size=(4, x.shape[1])))
+    junk = l2_normalise(np.random.default_rng(5).normal(size=(4, x.shape[1])))
     cfg = RefineConfig(init="kmeans", steps=50)
     a = refine_prototypes(x, junk, 0.1, cfg, seed=2)
     b = refine_prototypes(x, junk[::-1].copy(), 0.1, cfg, seed=2)
@@ -54,8 +55,8 @@ def test_refinement_is_deterministic_per_seed_and_kmeans_start_ignores_the_head(
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_tiny_sets_do_not_fail(n):
-    x = unit_rows(np.random.default_rng(0).normal(size=(n, 8)))
-    result = refine_prototypes(x, unit_rows(np.eye(2, 8)), 0.1, RefineConfig(init="head", steps=5))
+    x = l2_normalise(np.random.default_rng(0).normal(size=(n, 8)))
+    result = refine_prototypes(x, l2_normalise(np.eye(2, 8)), 0.1, RefineConfig(init="head", steps=5))
     assert result.prototypes.shape == (2, 8) and np.isfinite(result.prototypes).all()
 
 
