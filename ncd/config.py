@@ -61,6 +61,7 @@ class MebinConfig:
     min_interval_len: int = 4
     erode: bool = True
     erode_kernel: int = 6
+    erode_fallback: bool = True  # a map the erosion leaves without a region is binarised un-eroded
     lower_bound: int | None = None  # fixed search floor instead of the lowest per-image peak
     exclude_outliers: bool = False  # outlier peaks (mebin.peak_outliers, always flagged) do not set the range
 

@@ -19,7 +19,7 @@ under NumPy 2 (min 76, max 255, t 239 gives 76 instead of 243).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import cv2
@@ -231,7 +231,9 @@ def binarize(anomaly_map: np.ndarray, min_th: int, max_th: int, cfg: MebinConfig
     Identical to the per-map result of :func:`binarize_set` over the category. When
     ``max_th <= min_th`` (all peaks equal, or ``lower_bound`` at or above the highest
     peak) nothing can be normalised: the map gets count 0, threshold 255 and an empty
-    mask, which is what upstream's NaN map leads to, without the NaN.
+    mask, which is what upstream's NaN map leads to, without the NaN. With
+    ``erode_fallback`` (the default; upstream has none) a map whose eroded sweep leaves
+    an empty mask is binarised again without erosion.
     """
     anomaly_map = _check_map(anomaly_map)
     min_th, max_th = int(min_th), int(max_th)
@@ -248,6 +250,10 @@ def binarize(anomaly_map: np.ndarray, min_th: int, max_th: int, cfg: MebinConfig
         threshold = raw_threshold(sweep[end], min_th, max_th)
     mask = np.zeros(anomaly_map.shape, np.uint8)
     mask[eroded > threshold] = NORM_MAX
+    if cfg.erode and cfg.erode_fallback and not mask.any():
+        # thin defects (traces, scratches) vanish under the 6x6 erosion at low map
+        # resolution; the un-eroded sweep still finds them
+        return binarize(anomaly_map, min_th, max_th, replace(cfg, erode=False))
     return MebinResult(mask=mask, threshold=threshold, count=count)
 
 

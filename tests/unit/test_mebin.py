@@ -21,7 +21,7 @@ from ncd.preprocess.mebin import (
     thresholds,
 )
 
-DEFAULT = MebinConfig()
+DEFAULT = MebinConfig(erode_fallback=False)  # upstream's MEBin, for the parity tests
 
 
 # ---------------------------------------------------------------- slow reference
@@ -460,10 +460,10 @@ def test_random_maps_parity_with_reference():
 @pytest.mark.parametrize(
     "cfg",
     [
-        MebinConfig(sample_rate=3, min_interval_len=2),
+        MebinConfig(sample_rate=3, min_interval_len=2, erode_fallback=False),
         MebinConfig(erode=False),
-        MebinConfig(erode_kernel=3, min_interval_len=6),
-        MebinConfig(lower_bound=20),
+        MebinConfig(erode_kernel=3, min_interval_len=6, erode_fallback=False),
+        MebinConfig(lower_bound=20, erode_fallback=False),
     ],
 )
 def test_random_maps_parity_other_settings(cfg):
@@ -513,3 +513,34 @@ def test_excluding_a_saturated_map_keeps_the_other_maps_segmentation():
     kept, excluded = masks({**maps, "sat": saturated}, MebinConfig(exclude_outliers=True))
     assert excluded.excluded and excluded.outliers == flagged.outliers
     assert all(np.array_equal(clean[i], kept[i]) for i in maps)
+
+
+# ---------------------------------------------------------------- the erosion fallback
+
+
+def _thin_defect_map(rng: np.random.Generator) -> np.ndarray:
+    """A 3-px-wide bright trace over low noise: the 6x6 erosion removes it entirely."""
+    out = rng.uniform(0, 30, (64, 64))
+    out[20:23, 10:50] = 200
+    return out.astype(np.uint8)
+
+
+def test_erosion_fallback_keeps_thin_defects():
+    rng = np.random.default_rng(3)
+    thin, dim = _thin_defect_map(rng), rng.uniform(0, 40, (64, 64)).astype(np.uint8)
+    upstream = binarize_set([thin, dim], DEFAULT)[0]
+    assert upstream.count == 0 and not upstream.mask.any()
+    fallback = binarize_set([thin, dim], MebinConfig())[0]
+    un_eroded = binarize_set([thin, dim], MebinConfig(erode=False))[0]
+    assert fallback.count == 1 and fallback.mask[21, 30] == 255 and fallback.mask[40, 30] == 0
+    np.testing.assert_array_equal(fallback.mask, un_eroded.mask)
+    assert fallback.threshold == un_eroded.threshold
+
+
+def test_erosion_fallback_leaves_maps_with_eroded_regions_alone():
+    rng = np.random.default_rng(4)
+    maps = [_blob_map(rng, peak) for peak in (250, 200, 150)]
+    for with_fallback, upstream in zip(binarize_set(maps, MebinConfig()), binarize_set(maps, DEFAULT)):
+        np.testing.assert_array_equal(with_fallback.mask, upstream.mask)
+        assert with_fallback.count == upstream.count and with_fallback.threshold == upstream.threshold
+    assert any(r.mask.any() for r in binarize_set(maps, DEFAULT))
