@@ -226,17 +226,14 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ncd.data.region_table import read_regions
     from ncd.infer.predict import save_model
-    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, k_label, local_infer, local_train
-    from ncd.infer.rejection import attach_bank
-    from ncd.train.refine import refine_trained
+    from ncd.pipeline import LOCAL_STAGES, base_set, choose_k, finish_model, k_label, local_infer, local_train
 
     cfg = checked_config(args.config, args.overrides)
     regions = read_regions(args.regions or io.join(cfg.preprocess.output, "regions"), cfg.s3)
     cfg, k_info = choose_k(cfg, regions)
     trained = local_train(cfg, regions, base_set(cfg, LOCAL_STAGES))
     outputs = local_infer(trained, regions)
-    trained = refine_trained(trained, outputs, cfg.train.seed)[0]
-    attach_bank(trained, outputs.feat, regions.column("image_id").to_pylist())
+    trained = finish_model(trained, outputs, regions.column("image_id").to_pylist())[0]
     out = io.join(cfg.output, "model.pt")
     save_model(trained, out, cfg.s3)
     print(f"model -> {out} (head {trained.head}, {k_label(k_info)})")

@@ -207,6 +207,16 @@ def evaluate_tables(region_pred: pa.Table, image_pred: pa.Table,
     return {"image": evaluate_predictions(image_pred, k=k), "region": evaluate_predictions(region_pred, k=k)}
 
 
+def finish_model(trained: TrainedModel, outputs: RegionOutputs, image_ids: list[str]
+                 ) -> tuple[TrainedModel, RegionOutputs, RefineResult | None]:
+    """A trained model made ready to save, from its outputs on its own training regions: the
+    selected head's prototypes refined (``refine.*``) and the familiarity bank attached.
+    Every way of training a model (discover, ``ncd train``, Ray Train) ends here."""
+    trained, outputs, refined = refine_trained(trained, outputs, trained.cfg.train.seed)
+    attach_bank(trained, outputs.feat, image_ids)
+    return trained, outputs, refined
+
+
 def refine_report(name: str, refined: RefineResult, head_images: pa.Table, cfg: ExperimentConfig,
                   progress: Callable[[str], None]) -> dict[str, Any]:
     """What the refinement did to one model's clusters, shown and returned for the summary; a
@@ -296,11 +306,10 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
         outputs = stages.infer(trained, part)
         head_images = image_predictions(part, region_probabilities(trained, outputs.logits),
                                         cfg.infer.area_temperature, cfg.infer.unknown_threshold)[0]
-        trained, outputs, refined = refine_trained(trained, outputs, part_cfg.train.seed)
+        trained, outputs, refined = finish_model(trained, outputs, part.column("image_id").to_pylist())
         if refined is not None:
             raw_image_preds.append(head_images)
             refine_infos[name] = refine_report(name, refined, head_images, part_cfg, progress)
-        attach_bank(trained, outputs.feat, part.column("image_id").to_pylist())
         region_table, image_table = prediction_tables(trained, part, outputs)
         region_preds.append(region_table)
         image_preds.append(image_table)

@@ -30,11 +30,12 @@ from ncd.data import io
 from ncd.data.io import DataError
 from ncd.data.region_refs import is_light, light_regions, read_rows, source_of
 from ncd.data.region_table import read_regions
-from ncd.pipeline import choose_k
+from ncd.infer.predict import load_model, save_model
+from ncd.pipeline import choose_k, finish_model
 from ncd.train import checkpoint as ckpt
 from ncd.train.engine import train
 from ncd.validation import validate
-from ray_jobs.infer import ray_inference
+from ray_jobs.infer import ray_inference, run_inference
 from ray_jobs.session import add_job_arguments, run_storage, start_job
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,20 @@ def run_train(cfg: ExperimentConfig, regions: str | pa.Table, num_workers: int =
         raise
 
 
+def save_finished_model(cfg: ExperimentConfig, checkpoint: Checkpoint, regions_uri: str, num_actors: int = 1,
+                        use_gpu: bool = False) -> str:
+    """``<output>/model.pt`` from a run's final checkpoint, finished as every ncd model is
+    (``ncd.pipeline.finish_model``: refined prototypes, familiarity bank) after one Ray
+    inference pass over the training regions; returns its URI."""
+    trained = load_model(io.join(checkpoint_uri(checkpoint), ckpt.CHECKPOINT_FILE), cfg.s3)
+    novel = light_stored_regions(cfg, regions_uri)
+    outputs = run_inference(trained, novel, num_actors=num_actors, use_gpu=use_gpu, s3=cfg.s3)
+    trained = finish_model(trained, outputs, novel.column("image_id").to_pylist())[0]
+    out = io.join(cfg.output, "model.pt")
+    save_model(trained, out, cfg.s3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(parser)
@@ -209,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     regions = args.regions or io.join(cfg.preprocess.output, "regions")
     result = run_train(cfg, regions, args.num_workers, args.use_gpu, storage_path=args.storage_path, name=args.name)
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    if result.checkpoint is not None:
+        out = save_finished_model(cfg, result.checkpoint, regions, args.num_workers, args.use_gpu)
+        print(f"model -> {out}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from ncd.model.heads import select_head
 from ncd.pipeline import SYNTHETIC_BASE, base_set, category_groups, choose_k, local_infer
 from ncd.train.datasets import base_classes
 from ncd.train.engine import train
+from ncd.train.refine import refine_trained
 from ncd.validation import validate
 from ray_jobs.session import add_job_arguments, run_storage, start_job
 from ray_jobs.train import newest_checkpoint, report_checkpoint
@@ -102,8 +103,9 @@ class TuneContext:
 
 
 def gt_scores(trained: TrainedModel, regions: pa.Table) -> dict[str, float]:
-    """Image-level ``nmi``/``ari``/``f1`` when every image has gt, else nothing."""
-    outputs = local_infer(trained, regions)
+    """Image-level ``nmi``/``ari``/``f1`` when every image has gt, else nothing; of the model as
+    discover would save it (its prototypes refined, ``refine.*``)."""
+    trained, outputs, _ = refine_trained(trained, local_infer(trained, regions), trained.cfg.train.seed)
     probs = region_probabilities(trained, outputs.logits)
     images, _ = image_predictions(regions, probs, trained.cfg.infer.area_temperature)
     truth = images.column("gt_type").to_pylist()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from ncd.config import ConfigError, apply_overrides, load_config
 from ncd.data.catalog import build_manifest
@@ -36,6 +37,25 @@ def test_ray_train_two_workers_checkpoints_and_never_continues_a_stale_run(demo_
     assert [h["epoch"] for h in final["history"]] == [0, 1, 2]
     # trained afresh on the 3-epoch schedule, not the 2-epoch run continued
     assert final["history"][1]["lr"] != saved["history"][1]["lr"]
+
+    # the run's model file is finished as discover's: refined prototypes, a familiarity bank
+    from ncd.data.region_table import read_regions
+    from ncd.infer.predict import load_model
+    from ray_jobs.train import checkpoint_uri, save_finished_model
+
+    out = save_finished_model(longer, second.checkpoint, regions)
+    model, raw = load_model(out), load_model(f"{checkpoint_uri(second.checkpoint)}/checkpoint.pt")
+    assert out == str(tmp_path / "model.pt")
+    table = read_regions(regions)
+    assert model.bank.shape == (table.num_rows, model.model.feature_dim)
+    assert sorted(model.bank_images) == sorted(table.column("image_id").to_pylist())
+    assert raw.bank is None
+    novel = slice(model.model.heads.num_base, None)
+    refined_protos, raw_protos = (m.model.heads.weight[m.head, novel] for m in (model, raw))
+    assert not torch.allclose(refined_protos, raw_protos)
+    for name, tensor in raw.model.state_dict().items():
+        if not name.startswith("heads."):  # the backbone is the checkpoint's
+            assert torch.equal(tensor, model.model.state_dict()[name]), name
 
 
 def test_ray_train_stage_trains_on_the_table_it_is_handed(demo_root, ray_local, tmp_path):
