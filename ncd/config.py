@@ -193,6 +193,9 @@ class ProtoConfig:
     entropy_weight: float = 4.0
     hard_ratio_start: float = 0.0  # share of confident samples given hard pseudo labels, ramped
     hard_ratio_end: float = 1.0
+    # corrected: hard labels from the normal-slot-corrected teacher; teacher: from the teacher
+    # itself, the correction added after (ncd/proto/losses.py: proto_pseudo_labels)
+    hard_labels_from: str = "corrected"
 
 
 @dataclass(frozen=True)

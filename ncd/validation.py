@@ -112,6 +112,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "refine.lr": _positive,
     "refine.entropy_weight": _at_least(0),
     "refine.kmeans_restarts": _at_least(1),
+    "proto.hard_labels_from": _one_of(("corrected", "teacher")),
     "proto.object_prior": _one_of(OBJECT_PRIORS),
     "proto.guidance": _one_of(GUIDANCE_MODES),
     "proto.kappa": _positive,

@@ -37,7 +37,13 @@ def corrected_targets(
         raise ValueError(f"num_base={num_base} must be in [0, {c}) for {c} logit columns")
     q = torch.zeros_like(z)
     q[:, num_base:] = torch.softmax(z[:, num_base:] / teacher_temp, dim=-1)
-    w = (anomaly_thred - scores.detach().float().reshape(n, 1)).clamp(0.0, 1.0)
+    return with_normal_prior(q, num_base, scores, anomaly_thred)
+
+
+def with_normal_prior(q: Tensor, num_base: int, scores: Tensor, anomaly_thred: float) -> Tensor:
+    """``w e_L + (1 - w) q`` with ``w = max(0, thred - s)`` capped at 1: the share of a
+    low-score crop's target moved to the "normal" slot ``L`` (METHOD.md 5.4 item 2)."""
+    w = (anomaly_thred - scores.detach().float().reshape(q.shape[0], 1)).clamp(0.0, 1.0)
     normal = torch.zeros_like(q)
     normal[:, num_base] = 1.0
     return w * normal + (1.0 - w) * q

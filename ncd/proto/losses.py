@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ncd.config import LossConfig, ProtoConfig
-from ncd.losses.corrected_targets import corrected_targets
+from ncd.losses.corrected_targets import corrected_targets, with_normal_prior
 from ncd.losses.criterion import supervised_terms
 from ncd.losses.info_nce import info_nce
 from ncd.losses.mean_entropy import mean_entropy
@@ -108,13 +108,17 @@ def proto_pseudo_labels(
     scores: Tensor,
     anomaly_thred: float,
     ratio: float,
+    hard_from: str,
 ) -> Tensor:
-    """DAPL on AnomalyNCD's corrected teacher distributions (ncd's reading).
+    """DAPL combined with AnomalyNCD's normal-slot correction (ncd's reading).
 
-    ``q' = corrected_targets(z)`` (softmax over the novel columns at ``teacher_temp``,
-    then ``w e_L + (1 - w) q`` with ``w = max(0, thred - s)``), then
-    :func:`dual_level_targets` of ``q'`` per view: the confident ``r`` share becomes
-    ``onehot(argmax q')``, a low-score crop's hard label can be the normal slot ``L``.
+    ``q`` is the teacher's softmax over the novel columns at ``teacher_temp``.
+    ``hard_from="teacher"``: :func:`dual_level_targets` of ``q`` per view (the
+    confident ``r`` share becomes ``onehot(argmax q)``), then the correction
+    ``w e_L + (1 - w) DAPL(q)``, ``w = max(0, thred - s)``, stays soft, as in AnomalyNCD.
+    ``"corrected"`` (default): DAPL of the corrected ``q'``, the first reading: a low-score crop's
+    correction makes it look confident and hardens its label to the normal slot ``L``,
+    which on sets where most crops score low (DeepPCB) pulled every region into ``L``.
 
     Args:
         teacher_logits: (2n, C) cosine logits of the unlabelled rows, view-major.
@@ -123,12 +127,16 @@ def proto_pseudo_labels(
         scores: (2n,) crop scores in [0, 1].
         anomaly_thred: 0.5; -1 disables the correction.
         ratio: r of this epoch (:func:`hard_ratio_schedule`).
+        hard_from: ``teacher`` or ``corrected`` (``proto.hard_labels_from``).
 
     Returns:
         (2n, C) float32 targets, zero on the base columns.
     """
-    q = corrected_targets(teacher_logits, num_base, teacher_temp, scores, anomaly_thred)
-    return dual_level_targets(q, ratio, n_views=2)
+    if hard_from == "corrected":
+        q = corrected_targets(teacher_logits, num_base, teacher_temp, scores, anomaly_thred)
+        return dual_level_targets(q, ratio, n_views=2)
+    q = corrected_targets(teacher_logits, num_base, teacher_temp, scores, -1.0)  # -1: no correction
+    return with_normal_prior(dual_level_targets(q, ratio, n_views=2), num_base, scores, anomaly_thred)
 
 
 def entropy_regularisation(logits: Tensor, kappa: float, gather: bool = False) -> Tensor:
@@ -259,7 +267,8 @@ def proto_criterion(
         distill, entropy = [], []
         for z in logits:
             z_unl = z.index_select(0, split.unl_rows)
-            targets = proto_pseudo_labels(z_unl, num_base, teacher_temp, scores_rows, cfg.anomaly_thred, hard_ratio)
+            targets = proto_pseudo_labels(z_unl, num_base, teacher_temp, scores_rows, cfg.anomaly_thred, hard_ratio,
+                                          proto_cfg.hard_labels_from)
             distill.append(self_distillation(z_unl, targets, student_temp, gather))
             entropy.append(entropy_regularisation(z_unl, proto_cfg.kappa, gather))
         distill_h, entropy_h = torch.stack(distill), torch.stack(entropy)

@@ -381,11 +381,31 @@ def test_dual_level_targets_match_protogcd(ratio):
 def test_proto_pseudo_labels_correct_then_harden():
     z = torch.rand(8, 6, generator=gen(3)) * 2 - 1
     scores = torch.tensor([0.0, 0.9, 0.2, 0.7, 0.4, 1.0, 0.1, 0.6])
-    out = proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.5)
+    out = proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.5, "corrected")
     soft = ref_corrected(z.tolist(), 2, 0.07, scores.tolist(), 0.5)
     assert torch.allclose(out, torch.tensor(ref_dapl(soft, 0.5)), atol=1e-6)
     assert (out[:, :2] == 0).all() and torch.allclose(out.sum(-1), torch.ones(8))
-    assert torch.allclose(proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.0), torch.tensor(soft), atol=1e-6)
+    assert torch.allclose(proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.0, "corrected"), torch.tensor(soft),
+                          atol=1e-6)
+
+
+def test_proto_pseudo_labels_harden_the_teacher_then_correct():
+    """``proto.hard_labels_from=teacher``: the confident share is ranked and hardened on the
+    teacher alone; the normal-slot correction stays a soft share of every low-score target."""
+    z = torch.rand(8, 6, generator=gen(3)) * 2 - 1
+    scores = torch.tensor([0.0, 0.9, 0.2, 0.7, 0.4, 1.0, 0.1, 0.6])
+    out = proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.5, "teacher")
+    teacher = ref_corrected(z.tolist(), 2, 0.07, scores.tolist(), -1.0)
+    hard = ref_dapl(teacher, 0.5)
+    for row, h, s in zip(out.tolist(), hard, scores.tolist()):
+        w = max(0.0, 0.5 - s)
+        expected = [(1 - w) * v for v in h]
+        expected[2] += w
+        assert row == pytest.approx(expected, abs=1e-6)
+    assert (out[:, :2] == 0).all() and torch.allclose(out.sum(-1), torch.ones(8))
+    # a score-0 crop keeps half its target on its own cluster; "corrected" may harden it to L
+    assert out[0, 2] == pytest.approx(0.5 + 0.5 * hard[0][2], abs=1e-6)
+    assert not torch.allclose(out, proto_pseudo_labels(z, 2, 0.07, scores, 0.5, 0.5, "corrected"))
 
 
 def test_prototype_separation_matches_protogcd():
