@@ -111,7 +111,7 @@ class LossConfig:
 
     sup_weight: float = 0.3
     memax_weight: float = 4.0
-    anomaly_thred: float = 0.5
+    anomaly_thred: float = 0.5  # crops scoring below it lean to the normal slot; -1 (or 0): no correction
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.07

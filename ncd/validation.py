@@ -76,7 +76,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.reinit_top_blocks": _at_least(0),
     "loss.sup_weight": _at_least(0),
     "loss.memax_weight": _at_least(0),
-    "loss.anomaly_thred": _unit,
+    "loss.anomaly_thred": lambda v: None if v == -1 or 0 <= v <= 1 else "must be in [0, 1], or -1 (no correction)",
     "loss.student_temp": _positive,
     "loss.teacher_temp": _positive,
     "loss.warmup_teacher_temp": _positive,

@@ -103,6 +103,15 @@ def test_num_novel_is_a_positive_k_auto_or_gt():
             validate(apply_overrides(ExperimentConfig(), [f"train.num_novel={bad}"]))
 
 
+def test_anomaly_thred_minus_one_turns_the_correction_off():
+    from ncd.validation import validate
+
+    validate(apply_overrides(ExperimentConfig(), ["loss.anomaly_thred=-1"]))  # upstream's off switch
+    for bad in ("-0.5", "1.5"):
+        with pytest.raises(ConfigError, match="loss.anomaly_thred"):
+            validate(apply_overrides(ExperimentConfig(), [f"loss.anomaly_thred={bad}"]))
+
+
 def test_validate_lists_every_bad_key_at_once():
     from ncd.validation import validate
 
