@@ -116,9 +116,10 @@ def proto_pseudo_labels(
     ``hard_from="teacher"``: :func:`dual_level_targets` of ``q`` per view (the
     confident ``r`` share becomes ``onehot(argmax q)``), then the correction
     ``w e_L + (1 - w) DAPL(q)``, ``w = max(0, thred - s)``, stays soft, as in AnomalyNCD.
-    ``"corrected"`` (default): DAPL of the corrected ``q'``, the first reading: a low-score crop's
-    correction makes it look confident and hardens its label to the normal slot ``L``,
-    which on sets where most crops score low (DeepPCB) pulled every region into ``L``.
+    ``"corrected"`` (default): DAPL of the corrected ``q'``, the first reading: a low-score
+    crop's correction makes it look confident and can harden its label to the normal slot
+    ``L``. Where most crops score low (DeepPCB) the heads collapsed into ``L`` in 2 of 3
+    seeds; ``teacher`` did not prevent that (README, Results).
 
     Args:
         teacher_logits: (2n, C) cosine logits of the unlabelled rows, view-major.
