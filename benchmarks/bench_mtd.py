@@ -21,8 +21,9 @@ Arms (same MEBin crops; settings of ``ncd/configs/mtd_bench.yaml`` plus ``--set`
 - ``proto``: ``ncd discover --method protoanomalyncd`` (k-means prototype init);
 - ``baseline``: spherical k-means (10 restarts, true K) on frozen features of the same
   crops (``benchmarks/frozen_baseline.py``: DINOv2-S/14 blocks 4..8 x CLS / mean patch /
-  mask-weighted mean patch, EfficientNet-Lite0, at 112 / 160 / 224 px, whole crop resized
-  and test view). ``baseline`` is the strongest variant by mean NMI, chosen with the
+  mask-weighted mean patch, EfficientNet-Lite0, at 112 / 160 / 224 px, whole crop resized,
+  test view, and resized averaged over the 8 dihedral transforms; and the two backbones'
+  strongest variants concatenated). ``baseline`` is the strongest variant by mean NMI, chosen with the
   labels: this favours the baseline.
 Each arm runs ``--seeds`` times (``train.seed`` = 0..N-1; the baseline's k-means seeds
 likewise); reported: the mean over seeds and the spread (std) as ``*_std``.
@@ -50,8 +51,8 @@ import warnings
 import pyarrow as pa
 
 import numpy as np
-from frozen_baseline import (cluster_images, evaluate_variants, feature_sets, image_features, k_estimate, refined_images,
-                             summarise)
+from frozen_baseline import (add_ensemble, cluster_images, evaluate_variants, feature_sets, image_features, k_estimate,
+                             refined_images, summarise)
 from mtd_common import METRICS, bench_parser, prepare_args, work_dir
 
 from ncd.config import ExperimentConfig, apply_overrides
@@ -147,6 +148,7 @@ def run_baseline(cfg: ExperimentConfig, manifest: pa.Table, work: str, seeds: in
     seconds["baseline_features_per_pass"] = feature_seconds
     t0 = time.perf_counter()
     variants = evaluate_variants(regions, feats, seeds, cfg.infer.area_temperature)
+    add_ensemble(regions, feats, variants, seeds, cfg.infer.area_temperature)
     best = max(variants, key=lambda v: variants[v]["nmi"])
     k = one_or_all(k_estimate(regions, feats[best], cfg))
     seconds["baseline_kmeans"] = round(time.perf_counter() - t0, 1)

@@ -4,9 +4,12 @@ image level with the same area weights, per category as ncd's evaluation.
 
 Variants: DINOv2-S/14 (the benchmark's backbone, blocks 4..8, CLS / mean patch /
 region-mask-weighted mean patch) and EfficientNet-Lite0 (mean / mask-weighted pool of the
-last feature map), each at 112 / 160 / 224 px, on the whole crop resized and on ncd's
-test view. Features are computed once per (backbone, size, view), all blocks in one
-pass, and cached under the work folder.
+last feature map), each at 112 / 160 / 224 px, on the whole crop resized (``resize``), on
+ncd's test view (``eval``) and on the resized crop averaged over its 8 dihedral transforms
+(``d8``, ``ncd.infer.features``; DINOv2 at 112 and 160 px only: 224 px costs 2.5x as much
+and was never its strongest size); and ``ensemble``, the strongest DINOv2 variant and the
+strongest EfficientNet variant concatenated (each L2-normalised). Features are computed
+once per (backbone, size, view), all blocks in one pass, and cached under the work folder.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from mtd_common import METRICS, image_level
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import ExperimentConfig, RefineConfig, apply_overrides
-from ncd.infer.features import VIEWS, frozen_region_features
+from ncd.infer.features import frozen_region_features
 from ncd.evaluate.k_estimation import estimate_k, l2_normalise
 from ncd.evaluate.metrics import per_category_metrics
 from ncd.model.backbone import load_backbone
@@ -35,6 +38,9 @@ BLOCKS = tuple(range(4, 9))
 KMEANS_RESTARTS = 10
 DINO = "dinov2-s"
 EFFNET = "effnet-lite0"
+ENSEMBLE = "ensemble"
+VIEWS = {"eval": ("eval", False), "resize": ("resize", False), "d8": ("resize", True)}  # name: (view, dihedral)
+D8_SIZES = {DINO: (112, 160), EFFNET: SIZES}
 
 
 def cache_key(regions: pa.Table) -> str:
@@ -71,14 +77,17 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
     for name, build, blocks in backbones:
         for size in SIZES:
             model = None
-            for view in VIEWS:
+            for view, (view_kind, dihedral) in VIEWS.items():
+                if dihedral and size not in D8_SIZES[name]:
+                    continue
                 path = f"{cache}/{name}_{size}_{view}_{key}.npz"
                 t0 = time.perf_counter()
                 if os.path.exists(path):
                     part = dict(np.load(path))
                 else:
                     model = model or build(size)
-                    part = frozen_region_features(regions, model, blocks, size, view, crop_pct=cfg.model.crop_pct)
+                    part = frozen_region_features(regions, model, blocks, size, view_kind, crop_pct=cfg.model.crop_pct,
+                                                  dihedral=dihedral)
                     np.savez(path, **part)
                 seconds[f"{name}/{size}/{view}"] = round(time.perf_counter() - t0, 1)
                 progress(f"baseline features {name} {size} px {view}: {seconds[f'{name}/{size}/{view}']:.1f}s")
@@ -140,6 +149,24 @@ def evaluate_variants(regions: pa.Table, feats: dict[str, np.ndarray], seeds: in
         categories, truth, x = image_features(regions, f, temperature)
         out[variant] = summarise([cluster_images(categories, truth, x, seed) for seed in range(seeds)])
     return out
+
+
+def add_ensemble(regions: pa.Table, feats: dict[str, np.ndarray], variants: dict[str, dict[str, float]],
+                 seeds: int, temperature: float) -> str | None:
+    """Add ``ensemble/<dino variant>+<effnet variant>``, the strongest variant of each backbone
+    concatenated (each L2-normalised), to ``feats`` and ``variants``; its name, or None with
+    one backbone only."""
+    best = {}
+    for backbone in (DINO, EFFNET):
+        mine = [v for v in variants if v.startswith(backbone + "/")]
+        if mine:
+            best[backbone] = max(mine, key=lambda v: variants[v]["nmi"])
+    if len(best) < 2:
+        return None
+    name = f"{ENSEMBLE}/{best[DINO]}+{best[EFFNET]}"
+    feats[name] = np.concatenate([l2_normalise(feats[best[DINO]]), l2_normalise(feats[best[EFFNET]])], axis=1)
+    variants.update(evaluate_variants(regions, {name: feats[name]}, seeds, temperature))
+    return name
 
 
 def k_estimate(regions: pa.Table, feats: np.ndarray, cfg: ExperimentConfig) -> dict[str, int]:

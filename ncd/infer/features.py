@@ -16,10 +16,15 @@ Views (``view``): ``eval``, ncd's deterministic test view (:func:`ncd.train.augm
 shorter side to size / crop_pct, then a size x size crop), or ``resize``, the whole crop
 resized to size x size. Inputs are normalised with the backbone's own mean and std
 (``pretrained_cfg``; ImageNet's when it has none).
+
+``dihedral=True`` averages each feature over the 8 dihedral transforms of the view (4
+quarter turns, each also mirrored; image and mask alike), each L2-normalised first:
+test-time augmentation that makes the features blind to a defect's orientation, which
+carries no type information on surfaces, boards and tiles (8 forward passes).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -115,6 +120,24 @@ def _cnn_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor) -
     return {"pool": tokens.mean(1), "mask_pool": weighted_mean(tokens, weights)}
 
 
+def dihedral_transform(x: torch.Tensor, t: int) -> torch.Tensor:
+    """Transform ``t`` (0..7) of the dihedral group on the last two axes: ``t % 4`` quarter
+    turns, mirrored left-right first when ``t >= 4``."""
+    if t >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, t % 4, dims=(-2, -1))
+
+
+def _dihedral_mean(batch_features: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                   images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each feature of ``batch_features`` L2-normalised and averaged over the 8 dihedral transforms."""
+    total: dict[str, torch.Tensor] = {}
+    for t in range(8):
+        for k, v in batch_features(dihedral_transform(images, t), dihedral_transform(masks, t)).items():
+            total[k] = total.get(k, 0) + F.normalize(v.float(), dim=1) / 8
+    return total
+
+
 def is_vit(backbone: nn.Module) -> bool:
     """Whether ``backbone`` is a timm ViT (token features) rather than a CNN (feature maps)."""
     return hasattr(backbone, "patch_embed") and hasattr(backbone, "forward_intermediates")
@@ -123,7 +146,8 @@ def is_vit(backbone: nn.Module) -> bool:
 @torch.no_grad()
 def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, blocks: Sequence[int] = (),
                            size: int = 224, view: str = "eval", *, crop_pct: float = 0.875,
-                           batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+                           batch_size: int = 64, device: torch.device | str = "cpu",
+                           dihedral: bool = False) -> dict[str, np.ndarray]:
     """Frozen features of every region crop, one forward pass per batch for all blocks.
 
     Args:
@@ -131,6 +155,7 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
         backbone: a timm ViT built for ``size`` px (``blocks`` index its blocks, 0-based) or a
             CNN with ``forward_features`` (``blocks`` must be empty).
         size: input side in pixels; view: ``eval`` or ``resize`` (module docstring).
+        dihedral: average over the view's 8 dihedral transforms (module docstring).
 
     Returns:
         {variant: (N, D) float32}: ``block<b>/<cls|mean_patch|mask_patch>`` for a ViT,
@@ -150,7 +175,10 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
     parts: dict[str, list[torch.Tensor]] = {}
     for images, masks in loader:
         images, masks = images.to(device, memory_format=layout), masks.to(device)
-        feats = _vit_batch(backbone, images, masks, blocks) if vit else _cnn_batch(backbone, images, masks)
+        def batch_features(x: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+            return _vit_batch(backbone, x, m, blocks) if vit else _cnn_batch(backbone, x, m)
+
+        feats = _dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
         for k, v in feats.items():
             parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}

@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from ncd.infer.features import frozen_region_features, mask_weights, resize_view, weighted_mean
 from ncd.train.augment import ViewSpec
@@ -120,3 +121,24 @@ def test_vit_needs_blocks_in_range():
         frozen_region_features(table, model, blocks=(3,), size=SIDE)
     with pytest.raises(ValueError, match="view must be one of"):
         frozen_region_features(table, model, blocks=(1,), size=SIDE, view="centre")
+
+
+def test_dihedral_features_ignore_the_crop_orientation():
+    model = _tiny_vit()
+    rng = np.random.default_rng(3)
+    crop = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[2:12, 4:30] = 255  # an elongated region, off-centre
+    turned = np.ascontiguousarray(np.rot90(crop)), np.ascontiguousarray(np.rot90(mask))
+    mirrored = np.ascontiguousarray(crop[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
+    table = _regions([crop, turned[0], mirrored[0]], [mask, turned[1], mirrored[1]])
+    kw = dict(blocks=(2,), size=SIDE, view="resize")
+    plain = frozen_region_features(table, model, **kw)["block2/mask_patch"]
+    d8 = frozen_region_features(table, model, dihedral=True, **kw)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-2  # one view alone sees the turn
+    for key in ("block2/cls", "block2/mean_patch", "block2/mask_patch"):
+        np.testing.assert_allclose(d8[key][1], d8[key][0], atol=1e-5)
+        np.testing.assert_allclose(d8[key][2], d8[key][0], atol=1e-5)
+    one = F.normalize(torch.from_numpy(plain), dim=1).numpy()
+    assert np.linalg.norm(d8["block2/mask_patch"][0]) <= 1 + 1e-5  # a mean of unit vectors
+    assert not np.allclose(d8["block2/mask_patch"][0], one[0], atol=1e-3)
