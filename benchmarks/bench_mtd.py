@@ -19,6 +19,8 @@ numbers), or a folder of a detector's maps laid out as the dataset.
 Arms (same MEBin crops; settings of ``ncd/configs/mtd_bench.yaml`` plus ``--set``):
 - ``ncd``: ``ncd discover`` in AnomalyNCD mode;
 - ``proto``: ``ncd discover --method protoanomalyncd`` (k-means prototype init);
+- ``frozen``: ``ncd discover --method frozen`` (nothing trained: k-means and refinement on
+  DINOv2 block 7 at 160 px and EfficientNet-Lite0 at 224 px, dihedral-averaged);
 - ``baseline``: spherical k-means (10 restarts, true K) on frozen features of the same
   crops (``benchmarks/frozen_baseline.py``: DINOv2-S/14 blocks 4..8 x CLS / mean patch /
   mask-weighted mean patch, EfficientNet-Lite0, at 112 / 160 / 224 px, whole crop resized,
@@ -36,7 +38,7 @@ on its model's features before training, and ``gain_over_start``: a run that end
 its start says so here. A seed whose model collapsed (``ncd.evaluate.health``) is listed in
 ``collapsed_seeds`` and printed as FAILED; its metrics stay in the mean.
 
-Last line: JSON with ``ncd``, ``proto``, ``baseline`` (``nmi``, ``ari``, ``f1``,
+Last line: JSON with ``ncd``, ``proto``, ``frozen``, ``baseline`` (``nmi``, ``ari``, ``f1``,
 ``nmi_std``..., ``k_estimate``), ``baseline_variants``, ``k_true``, ``seconds``,
 ``dataset`` and ``settings``.
 """
@@ -64,8 +66,11 @@ ARMS = {
     "ncd": ["method=anomalyncd"],
     # prototypes start from k-means (PROTO.md); the masked CLS: pooled patch tokens lost 0.07 on MTD here
     "proto": ["method=protoanomalyncd", "train.kmeans_init=true", "model.feature=cls"],
+    # nothing trained: DINOv2 block 7 at 160 px and EfficientNet-Lite0 at 224 px, dihedral-averaged
+    "frozen": ["method=frozen", "model.image_size=224", "model.frozen_vit_size=160", "model.feature_block=7"],
 }
-ARM_TITLES = {"ncd": "ncd, AnomalyNCD mode", "proto": "ncd, ProtoAnomalyNCD mode"}
+ARM_TITLES = {"ncd": "ncd, AnomalyNCD mode", "proto": "ncd, ProtoAnomalyNCD mode",
+              "frozen": "ncd, frozen features (nothing trained)"}
 BASELINE = "baseline"
 
 
@@ -98,8 +103,9 @@ def arm_start(cfg: ExperimentConfig, regions: pa.Table) -> tuple[dict[str, int],
     ``estimate_novel_k``) and the k-means (true K) metrics of its region features."""
     ks, parts = {}, []
     for name, part in category_groups(apply_overrides(cfg, ["train.per_category=true"]), regions):
-        ks[name] = estimate_novel_k(cfg, part).k
-        parts.append((part, frozen_features(cfg, part)))
+        feats = frozen_features(cfg, part)
+        ks[name] = estimate_novel_k(cfg, part, feats=feats).k
+        parts.append((part, feats))
     table = pa.concat_tables([p for p, _ in parts])
     categories, truth, x = image_features(table, np.concatenate([f for _, f in parts]), cfg.infer.area_temperature)
     return ks, cluster_images(categories, truth, x, seed=0)
@@ -187,7 +193,8 @@ def print_tables(results: dict, variants: dict) -> None:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="runs per arm (train.seed 0..N-1)")
-    parser.add_argument("--arms", default="ncd,proto,baseline", help="comma-separated: ncd, proto, baseline")
+    parser.add_argument("--arms", default="ncd,proto,frozen,baseline",
+                        help="comma-separated: ncd, proto, frozen, baseline")
     args = parser.parse_args()
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in (*ARMS, BASELINE)]

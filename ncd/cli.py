@@ -111,7 +111,7 @@ def add_discover_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--out", default=None, help="output folder or s3:// prefix (sets output and preprocess.output)")
     p.add_argument("--k", default=None, help="number of novel classes K: a number, 'auto' (estimated without labels) or 'gt' "
                    "(the oracle ground-truth count); sets train.num_novel")
-    p.add_argument("--method", default=None, help="anomalyncd | protoanomalyncd")
+    p.add_argument("--method", default=None, help="anomalyncd | protoanomalyncd | frozen")
     return p
 
 

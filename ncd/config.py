@@ -103,6 +103,8 @@ class ModelConfig:
     feature: str = "cls"  # what the heads see: cls (the paper's) | patch | cls+patch (region-pooled patch tokens)
     feature_block: int = -1  # block whose patch tokens are pooled (-1: the last kept block)
     feature_context: float = 0.1  # pooling weight of patches outside the region mask (1: plain mean)
+    eval_view: str = "auto"  # test view: crop (the paper's) | resize (whole crop squeezed) | auto (the method's)
+    frozen_vit_size: int = 160  # method=frozen: the ViT's input side (EfficientNet-Lite0 reads image_size)
 
 
 @dataclass(frozen=True)

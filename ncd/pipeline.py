@@ -27,7 +27,7 @@ from ncd.evaluate.predictions import evaluate_predictions, metrics_markdown, sco
 from ncd.evaluate.health import CollapseError, cluster_health, collapse_message
 from ncd.infer.forward import RegionOutputs, forward_regions
 from ncd.evaluate.k_estimation import KEstimate, estimate_k
-from ncd.methods import build_model, guide_columns
+from ncd.methods import build_model, guide_columns, trains
 from ncd.infer.rejection import attach_bank, prediction_tables
 from ncd.infer.predict import (TrainedModel, image_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
@@ -140,10 +140,12 @@ def true_k(regions: pa.Table) -> int:
     return len({t for t in regions.column("gt_type").to_pylist() if t})
 
 
-def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None) -> KEstimate:
-    """K without labels from the frozen features of ``regions`` (the model before training),
-    by ``infer.k_criterion`` (``ncd.evaluate.k_estimation``) over ``infer.k_min..k_max`` (both modes)."""
-    feats = frozen_features(cfg, regions, infer)
+def estimate_novel_k(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | None = None,
+                     feats: np.ndarray | None = None) -> KEstimate:
+    """K without labels from the frozen features of ``regions`` (the model before training;
+    ``feats`` when already computed), by ``infer.k_criterion`` (``ncd.evaluate.k_estimation``)
+    over ``infer.k_min..k_max`` (every method)."""
+    feats = frozen_features(cfg, regions, infer) if feats is None else feats
     return estimate_k(feats, cfg.infer.k_min, cfg.infer.k_max, cfg.train.seed, criterion=cfg.infer.k_criterion)
 
 
@@ -287,7 +289,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
                         "(all-constant maps?); check data.maps")
 
     done = stage(3, "base set")
-    base = base_set(cfg, stages)
+    base = base_set(cfg, stages) if trains(cfg) else None  # a frozen model learns nothing from labels
     done()
 
     groups = category_groups(cfg, regions)

@@ -74,6 +74,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "model.proj_layers": _at_least(1),
     "model.keep_blocks": _at_least(0),
     "model.reinit_top_blocks": _at_least(0),
+    "model.eval_view": _one_of(("crop", "resize", AUTO)),
+    "model.frozen_vit_size": _at_least(1),
     "loss.sup_weight": _at_least(0),
     "loss.memax_weight": _at_least(0),
     "loss.anomaly_thred": lambda v: None if v == -1 or 0 <= v <= 1 else "must be in [0, 1], or -1 (no correction)",

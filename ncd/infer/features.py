@@ -25,12 +25,12 @@ carries no type information on surfaces, boards and tiles (8 forward passes).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -45,11 +45,7 @@ CNN_POOLINGS = ("pool", "mask_pool")
 def resize_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole crop resized to ``spec.size`` square (aspect not kept); image (3,H,W) uint8,
     mask (C,H,W) in [0,1] -> normalised image (3,S,S) float32 and mask (C,S,S)."""
-    size = [spec.size, spec.size]
-    image = TF.resize(image, size, antialias=True)
-    mask = TF.resize(mask, size, antialias=True)
-    image = TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(spec.mean), list(spec.std))
-    return image, mask.clamp(0, 1)
+    return eval_view(image, mask, replace(spec, whole=True))
 
 
 class RegionViews(Dataset):
@@ -95,7 +91,7 @@ def _spec(backbone: nn.Module, size: int, crop_pct: float) -> ViewSpec:
                     std=tuple(cfg.get("std", IMAGENET_STD)))
 
 
-def _vit_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+def vit_batch_features(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor,
                blocks: Sequence[int]) -> dict[str, torch.Tensor]:
     out = backbone.forward_intermediates(images, indices=list(blocks), return_prefix_tokens=True, norm=True,
                                          output_fmt="NLC", intermediates_only=True)
@@ -113,7 +109,7 @@ def _vit_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor,
     return feats
 
 
-def _cnn_batch(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+def cnn_batch_features(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
     fmap = backbone.forward_features(images)  # (B,C,h,w)
     tokens = fmap.flatten(2).transpose(1, 2)  # (B,h*w,C)
     weights = F.adaptive_avg_pool2d(masks[:, :1].float(), fmap.shape[-2:]).flatten(1)
@@ -128,7 +124,7 @@ def dihedral_transform(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.rot90(x, t % 4, dims=(-2, -1))
 
 
-def _dihedral_mean(batch_features: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+def dihedral_mean(batch_features: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
                    images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each feature of ``batch_features`` L2-normalised and averaged over the 8 dihedral transforms."""
     total: dict[str, torch.Tensor] = {}
@@ -176,9 +172,9 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
     for images, masks in loader:
         images, masks = images.to(device, memory_format=layout), masks.to(device)
         def batch_features(x: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
-            return _vit_batch(backbone, x, m, blocks) if vit else _cnn_batch(backbone, x, m)
+            return vit_batch_features(backbone, x, m, blocks) if vit else cnn_batch_features(backbone, x, m)
 
-        feats = _dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
+        feats = dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
         for k, v in feats.items():
             parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}

@@ -1,20 +1,21 @@
 """The methods, one module each behind one interface (``base.Method``), chosen by the
-config's ``method`` name: ``anomalyncd`` (the paper) or ``protoanomalyncd`` (PROTO.md).
+config's ``method`` name: ``anomalyncd`` (the paper), ``protoanomalyncd`` (PROTO.md) or
+``frozen`` (k-means and refinement on frozen features, nothing trained).
 
 The functions here take a config and ask its method; callers never branch on the name.
 """
 from __future__ import annotations
 
 from ncd.config import AUTO, ConfigError, ExperimentConfig
-from ncd.methods import anomalyncd, protoanomalyncd
+from ncd.methods import anomalyncd, frozen, protoanomalyncd
 from ncd.methods.base import Method, Objective, make_method_objective
 from ncd.model.ncd_model import NCDModel
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (anomalyncd.METHOD, protoanomalyncd.METHOD)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (anomalyncd.METHOD, protoanomalyncd.METHOD, frozen.METHOD)}
 METHODS = tuple(REGISTRY)
 
-__all__ = ["METHODS", "Method", "Objective", "build_model", "get_method", "guide_columns", "kmeans_init",
-           "make_objective", "prediction_temperature"]
+__all__ = ["METHODS", "Method", "Objective", "build_model", "eval_view", "get_method", "guide_columns", "kmeans_init",
+           "make_objective", "prediction_temperature", "trains"]
 
 
 def get_method(name: str) -> Method:
@@ -45,9 +46,21 @@ def prediction_temperature(cfg: ExperimentConfig) -> float:
     return get_method(cfg.method).temperature(cfg)
 
 
+def trains(cfg: ExperimentConfig) -> bool:
+    """Whether the config's method trains its model (``frozen`` does not)."""
+    return get_method(cfg.method).trains
+
+
+def eval_view(cfg: ExperimentConfig) -> str:
+    """The test view, ``crop`` or ``resize``: ``model.eval_view``, where ``auto`` is the method's."""
+    return get_method(cfg.method).eval_view if cfg.model.eval_view == AUTO else cfg.model.eval_view
+
+
 def kmeans_init(cfg: ExperimentConfig) -> bool:
     """Whether the novel prototypes start from k-means: ``train.kmeans_init``, where ``auto``
     is the method's default (on in ProtoAnomalyNCD mode, off in AnomalyNCD mode)."""
+    if not trains(cfg):
+        return True  # its prototypes can only come from k-means
     if cfg.train.kmeans_init == AUTO:
         return get_method(cfg.method).kmeans_init
     return bool(cfg.train.kmeans_init)

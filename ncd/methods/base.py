@@ -37,6 +37,8 @@ class Method:
     # score of a trained model's K, comparable across K, higher is better (Tune's ``k_score``)
     trained_k_score: Callable[[np.ndarray, np.ndarray, np.ndarray], float]
     kmeans_init: bool  # train.kmeans_init=auto: whether the novel prototypes start from k-means
+    trains: bool = True  # False: the prototypes are k-means centroids of frozen features, no optimiser step
+    eval_view: str = "crop"  # model.eval_view=auto: the test view (crop: the paper's; resize: the whole crop)
 
 
 def criterion_inputs(out: dict[str, Any], batch: dict[str, torch.Tensor]) -> tuple:

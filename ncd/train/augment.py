@@ -25,12 +25,14 @@ POSTERIZE_BITS = (5, 6, 7, 8)
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """Input geometry: ``resize`` = int(size / crop_pct) (256 for 224 at 0.875)."""
+    """Input geometry: ``resize`` = int(size / crop_pct) (256 for 224 at 0.875); ``whole``: the
+    test view is the whole crop resized to size x size instead of a crop of it."""
 
     size: int = 224
     crop_pct: float = 0.875
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    whole: bool = False
 
     @property
     def resize(self) -> int:
@@ -142,7 +144,12 @@ def train_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec,
 
 def eval_view(image: torch.Tensor, mask: torch.Tensor, spec: ViewSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The deterministic test view: resize the shorter side, crop at the upstream fixed
-    offset ((resize - size) // 2 from the top-left, off-centre for non-square crops)."""
+    offset ((resize - size) // 2 from the top-left, off-centre for non-square crops); with
+    ``spec.whole``, the whole crop resized to size x size (aspect not kept)."""
+    if spec.whole:
+        image = TF.resize(image, [spec.size, spec.size], antialias=True)
+        mask = TF.resize(mask, [spec.size, spec.size], antialias=True)
+        return _normalise(image, spec), mask.clamp(0, 1)
     image, mask = _resize_shorter(image, mask, spec.resize)
     offset = (spec.resize - spec.size) // 2
     image = TF.crop(image, offset, offset, spec.size, spec.size)

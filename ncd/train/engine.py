@@ -17,7 +17,7 @@ from torch import nn
 
 from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
 from ncd.infer.forward import autocast, forward_regions
-from ncd.methods import Objective, build_model, guide_columns, kmeans_init, make_objective
+from ncd.methods import Objective, build_model, eval_view, guide_columns, kmeans_init, make_objective, trains
 from ncd.model.heads import select_head
 from ncd.model.ncd_model import NCDModel
 from ncd.train import checkpoint as ckpt
@@ -125,7 +125,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 
 
 def view_spec(cfg: ExperimentConfig) -> ViewSpec:
-    return ViewSpec(size=cfg.model.image_size, crop_pct=cfg.model.crop_pct)
+    return ViewSpec(size=cfg.model.image_size, crop_pct=cfg.model.crop_pct, whole=eval_view(cfg) == "resize")
 
 
 def init_prototypes_from_kmeans(model: NCDModel, novel: pa.Table, k: int, cfg: ExperimentConfig,
@@ -167,6 +167,23 @@ def train_step(net: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.
     return parts
 
 
+def untrained_result(cfg: ExperimentConfig, model: NCDModel, novel: pa.Table, k: int, class_map: dict[str, Any],
+                     ctx: RunContext) -> TrainResult:
+    """A method that trains nothing (``method=frozen``): the novel prototypes are k-means
+    centroids of its frozen features, reported once as a finished run (epoch 0, no step), so
+    that every way of running it (local, Ray Train, Tune) saves and selects it as a trained one."""
+    init_prototypes_from_kmeans(model.to(ctx.device), novel, k, cfg, ctx.device)
+    head_losses = [0.0] * cfg.model.n_head
+    metrics = {"epoch": 0, "loss": 0.0, "steps": 0, **{f"cluster_head{h}": 0.0 for h in range(cfg.model.n_head)}}
+    checkpoint = None
+    if ctx.rank == 0:
+        checkpoint = {"model": model.state_dict(), "epoch": 0, "config": public_dict(cfg), "class_map": class_map,
+                      "head_losses": head_losses, "history": [metrics],
+                      "fingerprint": ckpt.fingerprint(cfg, novel, None, class_map)}
+    ctx.report(metrics, checkpoint)
+    return TrainResult(model=model, head_losses=head_losses, selected_head=0, class_map=class_map, history=[metrics])
+
+
 def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: RunContext) -> TrainResult:
     """Train the AnomalyNCD model on ``novel`` (unlabelled) and ``base`` (labelled, optional) regions."""
     tc = cfg.train
@@ -177,6 +194,8 @@ def train(cfg: ExperimentConfig, novel: pa.Table, base: pa.Table | None, ctx: Ru
     class_map = {"base_classes": classes, "num_base": len(classes), "num_novel": k,
                  "categories": sorted(set(novel.column("category").to_pylist()))}
     model = build_model(cfg, len(classes), k)
+    if not trains(cfg):
+        return untrained_result(cfg, model, novel, k, class_map, ctx)
     objective = make_objective(cfg, len(classes))
     temps = objective.teacher_temps
     fingerprint = ckpt.fingerprint(cfg, novel, base, class_map)

@@ -661,9 +661,9 @@ def test_methods_are_chosen_by_name_behind_one_interface():
     from ncd.config import ConfigError, load_config
     from ncd.methods import METHODS, get_method, guide_columns, prediction_temperature
 
-    assert METHODS == ("anomalyncd", "protoanomalyncd")
+    assert METHODS == ("anomalyncd", "protoanomalyncd", "frozen")
     assert [get_method(m).name for m in METHODS] == list(METHODS)
-    with pytest.raises(ConfigError, match="unknown method 'protoncd'; known methods: anomalyncd, protoanomalyncd"):
+    with pytest.raises(ConfigError, match="unknown method 'protoncd'; known methods: anomalyncd, protoanomalyncd, frozen"):
         get_method("protoncd")
     ncd_cfg = load_config(None, ["loss.student_temp=0.2", "proto.kappa=4"])
     proto_cfg = load_config(None, ["method=protoanomalyncd", "loss.student_temp=0.2", "proto.kappa=4"])
