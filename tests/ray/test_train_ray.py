@@ -98,3 +98,27 @@ def test_ray_train_resolves_k_once_on_the_driver(demo_root, ray_local, tmp_path)
             **{**cfg.train.__dict__, "num_novel": k})}), regions, 1, False)
         ks[k] = trainer.train_loop_config["cfg"]["train"]["num_novel"]
     assert ks["gt"] == 6 and ks["auto"] in (2, 3, 4)
+
+
+def test_ray_train_runs_the_frozen_method_without_a_step(demo_root, ray_local, tmp_path):
+    """method=frozen under Ray Train: every worker reports once (epoch 0, no step), rank 0's
+    checkpoint holds the k-means prototypes, and the finished model file labels the regions."""
+    import numpy as np
+
+    from ncd.infer.predict import load_model
+    from ray_jobs.train import result_state, run_train, save_finished_model
+
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      f"output={tmp_path}", "method=frozen",
+                                                      "model.frozen_vit_size=32", "train.num_novel=3"])
+    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
+                            str(tmp_path / "pp"))
+    result = run_train(cfg, regions, num_workers=2, cpus_per_worker=0.5, name="frozen")
+    assert result.error is None
+    assert result.metrics["epoch"] == 0 and result.metrics["steps"] == 0
+    state = result_state(result)
+    assert "optimizer" not in state and state["history"][0]["steps"] == 0
+    model = load_model(save_finished_model(cfg, result.checkpoint, regions))
+    assert model.bank is not None and model.model.feature_dim == 192 + 1280
+    novel = model.model.heads.weight[model.head, model.model.heads.num_base:]
+    assert novel.shape[0] == 3 and bool(np.isfinite(novel.detach().numpy()).all())
