@@ -77,3 +77,22 @@ def test_training_is_kmeans_of_the_frozen_features_and_saves_a_model(regions, tm
     again = model_from_state(model_state(trained))
     np.testing.assert_allclose(forward_regions(again.model, eval_set(regions), view_spec(cfg)).logits[head], logits,
                                atol=1e-5)
+
+
+def test_features_are_remembered_per_crop_and_weights():
+    from ncd.model.frozen_ensemble import MEMO
+
+    torch.manual_seed(0)
+    encoder = build_model(_cfg(), 0, 3).eval().encoder
+    images, masks = torch.randn(3, 3, 32, 32), torch.ones(3, 1, 32, 32)
+    before = len(MEMO.items)
+    first = encoder(images, masks)
+    assert len(MEMO.items) == before + 3
+    np.testing.assert_allclose(encoder(images[[2, 0]], masks[[2, 0]]).numpy(), first[[2, 0]].numpy())
+    assert len(MEMO.items) == before + 3  # read back, not computed again
+    np.testing.assert_allclose(first.numpy(), encoder.features(images, masks).numpy(), atol=1e-6)
+    with torch.no_grad():
+        encoder.cnn.conv_stem.weight.add_(torch.randn_like(encoder.cnn.conv_stem.weight))  # other weights
+    changed = encoder(images, masks)
+    assert len(MEMO.items) == before + 6
+    assert (changed[:, 192:] - first[:, 192:]).abs().max() > 1e-4
