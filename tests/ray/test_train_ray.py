@@ -9,14 +9,20 @@ from ncd.preprocess.regions import preprocess_manifest
 pytestmark = pytest.mark.ray
 
 
+def _plate_regions(demo_root, tmp_path, *settings: str):
+    """The smoke config on the demo's plate category (``settings`` on top) and its region table's URI."""
+    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
+                                                      f"output={tmp_path}", *settings])
+    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
+                            str(tmp_path / "pp"))
+    return cfg, regions
+
+
 def test_ray_train_two_workers_checkpoints_and_never_continues_a_stale_run(demo_root, ray_local, tmp_path):
     from ray_jobs.train import result_state, run_train
 
-    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
-                                                      f"output={tmp_path}", "train.epochs=2",
-                                                      "train.checkpoint_every=1", "train.batch_size=8"])
-    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
-                            str(tmp_path / "pp"))
+    cfg, regions = _plate_regions(demo_root, tmp_path, "train.epochs=2", "train.checkpoint_every=1",
+                                  "train.batch_size=8")
     first = run_train(cfg, regions, num_workers=2, cpus_per_worker=0.5, name="resume")
     assert first.error is None
     assert first.metrics["epoch"] == 1 and first.metrics["steps"] > 0
@@ -108,11 +114,8 @@ def test_ray_train_runs_the_frozen_method_without_a_step(demo_root, ray_local, t
     from ncd.infer.predict import load_model
     from ray_jobs.train import result_state, run_train, save_finished_model
 
-    cfg = load_config("ncd/configs/demo_smoke.yaml", [f"data.root={demo_root}", "data.categories=plate",
-                                                      f"output={tmp_path}", "method=frozen",
-                                                      "model.frozen_vit_size=32", "train.num_novel=3"])
-    regions = write_regions(preprocess_manifest(build_manifest(cfg.data), cfg.mebin, cfg.crop, cfg.data),
-                            str(tmp_path / "pp"))
+    cfg, regions = _plate_regions(demo_root, tmp_path, "method=frozen", "model.frozen_vit_size=32",
+                                  "train.num_novel=3")
     result = run_train(cfg, regions, num_workers=2, cpus_per_worker=0.5, name="frozen")
     assert result.error is None
     assert result.metrics["epoch"] == 0 and result.metrics["steps"] == 0
