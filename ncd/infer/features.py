@@ -92,7 +92,7 @@ def _spec(backbone: nn.Module, size: int, crop_pct: float) -> ViewSpec:
 
 
 def vit_batch_features(backbone: nn.Module, images: torch.Tensor, masks: torch.Tensor,
-               blocks: Sequence[int]) -> dict[str, torch.Tensor]:
+                       blocks: Sequence[int]) -> dict[str, torch.Tensor]:
     out = backbone.forward_intermediates(images, indices=list(blocks), return_prefix_tokens=True, norm=True,
                                          output_fmt="NLC", intermediates_only=True)
     patch = backbone.patch_embed.patch_size[0]
@@ -169,11 +169,12 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
     layout = torch.contiguous_format if vit else torch.channels_last  # 3-5x faster depthwise convs on CPU
     backbone = backbone.eval().to(device, memory_format=layout)
     parts: dict[str, list[torch.Tensor]] = {}
+
+    def batch_features(x: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vit_batch_features(backbone, x, m, blocks) if vit else cnn_batch_features(backbone, x, m)
+
     for images, masks in loader:
         images, masks = images.to(device, memory_format=layout), masks.to(device)
-        def batch_features(x: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
-            return vit_batch_features(backbone, x, m, blocks) if vit else cnn_batch_features(backbone, x, m)
-
         feats = dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
         for k, v in feats.items():
             parts.setdefault(k, []).append(v.float().cpu())

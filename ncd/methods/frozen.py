@@ -3,8 +3,8 @@ from two pretrained backbones, each averaged over the crop's 8 dihedral transfor
 (``ncd.model.frozen_ensemble``); the novel prototypes are spherical k-means centroids of
 them, refined by neighbour consistency (``ncd.train.refine``) like every method's.
 
-It is the strongest discovery ncd has measured on MTD, DeepPCB and the demo (README
-Results), and the reference a trained method has to beat on the same crops.
+It gives ncd's best classes on MTD, DeepPCB and the demo (README Results), and it is the
+reference a trained method has to beat on the same crops.
 """
 from __future__ import annotations
 
