@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,7 +99,7 @@ def locate(dataset: str, work: str, maps: str, overrides: Sequence[str] = ()) ->
             from ncd.detect import write_detector_maps
 
             detect = load_config(BENCH_CONFIG, list(overrides)).detect
-            write_detector_maps(rows, out, dataclasses.replace(detect, mode="zero_shot"))
+            write_detector_maps(rows, out, dataclasses.replace(detect, mode="zero_shot"), progress=_detector_progress())
         maps = out
     if maps != MAPS_GT:
         if not os.path.isdir(maps):
@@ -129,6 +129,19 @@ def prepare(dataset: str, work: str, overrides: list[str], *, maps: str = MAPS_G
     split = evaluation_split(build_manifest(cfg.data), normal_images=normal_images, max_per_type=max_per_type,
                              seed=SPLIT_SEED)
     return cfg, split
+
+
+def _detector_progress() -> Callable[[str, int, int], None]:
+    """The detector's progress on the console: each stage at every further tenth."""
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        tenth = done * 10 // max(1, total)
+        if tenth > shown.get(stage, -1):
+            shown[stage] = tenth
+            print(f"detector maps: {stage} {done}/{total}", flush=True)
+
+    return progress
 
 
 def prepare_args(args: argparse.Namespace, work: str, overrides: list[str]) -> tuple[ExperimentConfig, pa.Table]:
