@@ -84,7 +84,8 @@ LOCAL_STAGES = Stages(local_preprocess, local_train, local_infer)
 
 
 def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
-    """The labelled base region table: a table URI, ncd's synthetic families, or none.
+    """The labelled base region table: a table URI, ncd's synthetic families, or none (also for
+    a method that trains nothing).
 
     The synthetic base set's images and maps are written to ``<output>/base_data`` and its
     regions to ``<output>/base``, beside the run's other outputs. For an ``s3://`` output
@@ -92,7 +93,7 @@ def base_set(cfg: ExperimentConfig, stages: Stages) -> pa.Table | None:
     uploaded there, so the run leaves nothing on the local disk and Ray workers on any
     node can read them.
     """
-    if not cfg.train.base_table:
+    if not cfg.train.base_table or not trains(cfg):  # a method that trains nothing reads no labels
         return None
     if cfg.train.base_table != SYNTHETIC_BASE:
         return read_regions(cfg.train.base_table, cfg.s3)
@@ -289,7 +290,7 @@ def discover(cfg: ExperimentConfig, stages: Stages = LOCAL_STAGES,
                         "(all-constant maps?); check data.maps")
 
     done = stage(3, "base set")
-    base = base_set(cfg, stages) if trains(cfg) else None  # a frozen model learns nothing from labels
+    base = base_set(cfg, stages)
     done()
 
     groups = category_groups(cfg, regions)

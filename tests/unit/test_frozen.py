@@ -96,3 +96,10 @@ def test_features_are_remembered_per_crop_and_weights():
     changed = encoder(images, masks)
     assert len(MEMO.items) == before + 6
     assert (changed[:, 192:] - first[:, 192:]).abs().max() > 1e-4
+
+
+def test_a_method_that_trains_nothing_reads_no_base_set(tmp_path):
+    from ncd.pipeline import LOCAL_STAGES, base_set
+
+    assert base_set(_cfg(f"output={tmp_path}", "train.base_table=synthetic"), LOCAL_STAGES) is None
+    assert not (tmp_path / "base_data").exists()  # nothing generated either
