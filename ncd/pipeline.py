@@ -21,13 +21,13 @@ import torch
 from ncd.data import io
 from ncd.data.catalog import build_manifest
 from ncd.config import K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, absolute_paths, apply_overrides, public_dict
-from ncd.train.datasets import eval_set
-from ncd.train.engine import LocalContext, train, view_spec
+from ncd.train.engine import LocalContext, train
 from ncd.evaluate.predictions import evaluate_predictions, metrics_markdown, scored_text
 from ncd.evaluate.health import CollapseError, cluster_health, collapse_message
-from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.infer.forward import RegionOutputs
+from ncd.infer.outputs import region_outputs
 from ncd.evaluate.k_estimation import KEstimate, estimate_k
-from ncd.methods import build_model, guide_columns, trains
+from ncd.methods import build_model, trains
 from ncd.infer.rejection import attach_bank, prediction_tables
 from ncd.infer.predict import (TrainedModel, image_predictions, region_probabilities, save_model,
                          warn_unseen_categories)
@@ -76,8 +76,7 @@ def local_train(cfg: ExperimentConfig, regions: pa.Table, base: pa.Table | None)
 def local_infer(trained: TrainedModel, regions: pa.Table) -> RegionOutputs:
     cfg = trained.cfg
     warn_unseen_categories(trained, regions.column("category").to_pylist())
-    return forward_regions(trained.model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size,
-                           next(trained.model.parameters()).device, cfg.train.amp)
+    return region_outputs(trained.model, cfg, regions, next(trained.model.parameters()).device)
 
 
 LOCAL_STAGES = Stages(local_preprocess, local_train, local_infer)
@@ -123,9 +122,7 @@ def frozen_features(cfg: ExperimentConfig, regions: pa.Table, infer: Infer | Non
         if infer is None:
             raise ValueError("features of a region table without crops need an inference stage (infer=...)")
         return infer(TrainedModel(model.eval(), cfg, {"num_base": 0, "num_novel": 1}, 0), regions).feat
-    model = model.to(device())
-    return forward_regions(model, eval_set(regions, guide_columns(cfg)), view_spec(cfg), cfg.infer.batch_size, device(),
-                           cfg.train.amp).feat
+    return region_outputs(model.to(device()), cfg, regions, device()).feat
 
 
 def category_groups(cfg: ExperimentConfig, regions: pa.Table) -> list[tuple[str, pa.Table]]:

@@ -27,11 +27,10 @@ from ncd.data import io
 from ncd.data.io import DataError, StorageError
 from ncd.data.region_refs import is_light, source_of, table_parts
 from ncd.data.region_table import ORDER_COLUMNS, canonical_order, table_files
-from ncd.infer.forward import RegionOutputs, forward_regions
+from ncd.infer.forward import RegionOutputs
+from ncd.infer.outputs import region_outputs
 from ncd.infer.predict import TrainedModel, load_model, model_from_state, model_state, warn_unseen_categories
 from ncd.methods import guide_columns
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,7 @@ class RegionPredictor:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         cfg = self.trained.cfg
-        out = forward_regions(self.trained.model, eval_set(batch, guide_columns(cfg)), view_spec(cfg),
-                              cfg.infer.batch_size, self.device, cfg.train.amp)
+        out = region_outputs(self.trained.model, cfg, batch, self.device)
         result = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in self.carry}
         result["feat"] = out.feat
         for h, z in enumerate(out.logits):

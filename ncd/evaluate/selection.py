@@ -14,11 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from ncd.evaluate.k_estimation import MAX_SILHOUETTE_POINTS
-from ncd.infer.forward import forward_regions
+from ncd.infer.outputs import region_outputs
 from ncd.infer.predict import TrainedModel
-from ncd.methods import get_method, guide_columns
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
+from ncd.methods import get_method
 
 SAMPLE_SEED = 0  # fixed: every candidate is scored on the same regions, whatever its train.seed
 
@@ -36,8 +34,7 @@ def cluster_score(trained: TrainedModel, regions: pa.Table) -> float:
     when everything falls in one cluster)."""
     cfg = trained.cfg
     device = next(trained.model.parameters()).device
-    outputs = forward_regions(trained.model, eval_set(regions, guide_columns(cfg)), view_spec(cfg),
-                              cfg.infer.batch_size, device, cfg.train.amp)
+    outputs = region_outputs(trained.model, cfg, regions, device)
     num_base = trained.class_map["num_base"]
     novel_logits = outputs.logits[trained.head][:, num_base:]  # its argmax is the model's partition
     prototypes = trained.model.heads.prototypes()[trained.head, num_base:].detach().float().cpu().numpy()
