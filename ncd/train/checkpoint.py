@@ -218,7 +218,12 @@ def _data_change(name: str, old: dict[str, Any] | None, new: dict[str, Any] | No
 
 
 def differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """What differs between a checkpoint's fingerprint and the run's, one phrase per key."""
+    """What differs between a checkpoint's fingerprint and the run's, one phrase per key.
+
+    A setting added to ncd after the checkpoint was written is no difference while the run
+    keeps it at ncd's default: a new setting's default keeps the old behaviour, so
+    upgrading ncd does not discard a run's training.
+    """
     if not saved:
         return ["fingerprint (none: written by an older ncd)"]
     out = [d for d in (_data_change("training regions", saved.get("novel"), now["novel"]),
@@ -228,7 +233,8 @@ def differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     out += [f"{names[k]} ({old_classes.get(k)!r} -> {v!r})" for k, v in now["classes"].items()
             if old_classes.get(k) != v]
     old_set = {k: v for k, v in saved.get("settings", {}).items() if k not in RENAMED}  # moved, unused by training
-    new_set = now["settings"]
+    defaults = training_settings(ExperimentConfig())
+    new_set = {k: v for k, v in now["settings"].items() if k in old_set or k not in defaults or v != defaults[k]}
     out += [f"{k} ({old_set.get(k)!r} -> {new_set.get(k)!r})" for k in sorted(set(old_set) | set(new_set))
             if old_set.get(k) != new_set.get(k)]
     return out

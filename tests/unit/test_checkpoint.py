@@ -112,3 +112,18 @@ def test_fingerprint_names_what_changed():
     free = load_config("ncd/configs/demo_smoke.yaml", ["train.loader_workers=3", "train.keep_checkpoints=5"])
     assert ckpt.differences(old, ckpt.fingerprint(free, _table(["a", "b"], [b"1", b"2"]), None, classes)) == []
     assert ckpt.differences(None, old) == ["fingerprint (none: written by an older ncd)"]
+
+
+def test_a_setting_newer_than_the_checkpoint_differs_only_off_its_default():
+    cfg = load_config("ncd/configs/demo_smoke.yaml")
+    classes = {"base_classes": [], "num_base": 0, "num_novel": 3, "categories": ["c"]}
+    table = _table(["a", "b"], [b"1", b"2"])
+    older = ckpt.fingerprint(cfg, table, None, classes)
+    del older["settings"]["model.eval_view"]  # written before the setting existed
+    assert ckpt.differences(older, ckpt.fingerprint(cfg, table, None, classes)) == []
+    resize = load_config("ncd/configs/demo_smoke.yaml", ["model.eval_view=resize"])
+    assert ckpt.differences(older, ckpt.fingerprint(resize, table, None, classes)) == [
+        "model.eval_view (None -> 'resize')"]
+    epochs = ckpt.fingerprint(load_config("ncd/configs/demo_smoke.yaml", ["train.epochs=5"]), table, None, classes)
+    del older["settings"]["train.epochs"]  # a key the checkpoint lacks, at a value other than ncd's default
+    assert ckpt.differences(older, epochs) == ["train.epochs (None -> 5)"]
