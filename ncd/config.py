@@ -159,7 +159,6 @@ class InferConfig:
     k_criterion: str = "eigengap"  # train.num_novel=auto, both modes: one of ncd.evaluate.k_criteria.CRITERIA
     collapse_share: float = 0.6  # a model whose largest cluster holds more of the images has collapsed
     on_collapse: str = "error"  # error (outputs written, then the run fails) | warn
-    tta: str = "none"  # none | d8: a trained model's test features averaged over the crop's 8 dihedral transforms
 
 
 @dataclass(frozen=True)

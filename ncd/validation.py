@@ -14,7 +14,6 @@ from ncd.train.checkpoint import STALE_POLICIES
 from ncd.config import AUTO, K_AUTO, K_ORACLE, ConfigError, ExperimentConfig, flat_dict, to_dict
 from ncd.preprocess.crops import MERGE_MODES
 from ncd.train.datasets import AUGMENT_ON
-from ncd.infer.forward import TTA_MODES
 from ncd.evaluate.k_criteria import CRITERIA
 from ncd.methods import METHODS
 from ncd.proto.guidance import GUIDANCE_MODES
@@ -108,7 +107,6 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "infer.k_criterion": _one_of(tuple(CRITERIA)),
     "infer.collapse_share": _unit,
     "infer.on_collapse": _one_of(("error", "warn")),
-    "infer.tta": _one_of(TTA_MODES),
     "refine.init": _one_of(("kmeans", "head")),
     "refine.neighbours": _at_least(1),
     "refine.steps": _at_least(0),
