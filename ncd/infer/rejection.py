@@ -19,10 +19,10 @@ from ncd.infer.predict import UNKNOWN, TrainedModel, image_predictions, region_p
 
 
 def nearest_other_image_similarity(feat: np.ndarray, image_ids: list[str], bank: np.ndarray,
-                                   bank_images: list[str], max_chunk_cells: int = 1 << 25) -> np.ndarray:
+                                   bank_images: list[str], max_chunk_cells: int = 1 << 23) -> np.ndarray:
     """Each region's highest cosine similarity to a ``bank`` row (unit features) of another
     image; -1 where the bank holds only the region's own image. Works in row chunks of at
-    most ``max_chunk_cells`` similarities (128 MiB), whatever the bank's size."""
+    most ``max_chunk_cells`` similarities (32 MiB), whatever the bank's size."""
     x = l2_normalise(feat)
     bank = np.asarray(bank, np.float32)
     _, codes = np.unique(np.asarray([*map(str, image_ids), *map(str, bank_images)], dtype=object).astype(str),

@@ -34,12 +34,22 @@ class RefineResult:
     end_largest_share: float
 
 
-def neighbour_indices(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k) indices of each row's k most cosine-similar other rows (k clipped to N - 1)."""
-    k = max(1, min(k, x.shape[0] - 1))
-    sim = x @ x.T
-    sim.fill_diagonal_(-float("inf"))
-    return sim.topk(k, dim=1).indices
+def neighbour_indices(x: torch.Tensor, k: int, max_chunk_cells: int = 1 << 23) -> torch.Tensor:
+    """(N, k) indices of each row's k most cosine-similar other rows (k clipped to N - 1).
+    Works in row chunks of at most ``max_chunk_cells`` similarities (32 MiB), so memory
+    grows with N, not N x N (a driver refines every region of a run)."""
+    n = x.shape[0]
+    k = max(1, min(k, n - 1))
+    rows = max(1, min(n, max_chunk_cells // max(1, n)))
+    buffer = x.new_empty((rows, n))  # reused: fresh chunk-sized allocations can fragment the heap and pile up
+    out = []
+    for start in range(0, n, rows):
+        sim = buffer[:min(rows, n - start)]
+        torch.matmul(x[start:start + rows], x.T, out=sim)
+        own = torch.arange(len(sim))
+        sim[own, own + start] = -float("inf")
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
 
 
 def start_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, cfg: RefineConfig, seed: int) -> np.ndarray:

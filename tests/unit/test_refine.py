@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
@@ -26,6 +28,46 @@ def test_neighbours_exclude_the_row_itself_and_clip_to_the_set():
     nb = neighbour_indices(x, 10)
     assert nb.shape == (3, 2)
     assert all(i not in nb[i].tolist() for i in range(3))
+
+
+def test_neighbours_are_the_same_in_small_chunks():
+    import torch
+
+    x = torch.from_numpy(l2_normalise(np.random.default_rng(1).normal(size=(50, 8))))
+    sim = x @ x.T
+    sim.fill_diagonal_(-float("inf"))
+    whole = sim.topk(5, dim=1).indices
+    for cells in (1 << 23, 50, 150):  # one chunk; one row per chunk; three rows, the last chunk two
+        assert torch.equal(neighbour_indices(x, 5, max_chunk_cells=cells), whole)
+
+
+PEAK_CODE = """
+import resource, sys, numpy as np, torch
+from ncd.evaluate.k_criteria import l2_normalise
+from ncd.infer.rejection import nearest_other_image_similarity
+from ncd.train.refine import neighbour_indices
+n, what = int(sys.argv[1]), sys.argv[2]
+x = l2_normalise(np.random.default_rng(0).normal(size=(n, 16)))
+ids = [str(i // 2) for i in range(n)]
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if what == "neighbours":
+    neighbour_indices(torch.from_numpy(x), 5)
+else:
+    nearest_other_image_similarity(x, ids, x.astype(np.float16), ids)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024)
+"""
+
+
+@pytest.mark.parametrize("what", ["neighbours", "familiarity"])
+def test_similarity_memory_does_not_grow_with_n_squared(what):
+    """A driver refines and scores every region of a run: 8000 rows would be a 244 MiB
+    similarity matrix at once; in chunks the peak (of a fresh process) grows a few tens of MiB."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PEAK_CODE, "8000", what], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert float(out.stdout) < 100, out.stdout  # whole matrices: about 165
 
 
 def test_refinement_repairs_a_poor_start_and_keeps_the_clusters_spread():
