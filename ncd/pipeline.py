@@ -221,8 +221,12 @@ def refine_report(name: str, refined: RefineResult, head_images: pa.Table, cfg: 
                   progress: Callable[[str], None]) -> dict[str, Any]:
     """What the refinement did to one model's clusters, shown and returned for the summary; a
     warning when the trained heads had collapsed (the refinement may hide it)."""
-    progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
-             f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
+    if refined.kept_start:
+        log.warning(f"{name}: the refinement collapsed the clusters of its k-means start, so the start was kept "
+                    f"(largest cluster {refined.start_largest_share:.0%})")
+    else:
+        progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
+                 f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
     head_health = cluster_health(head_images.column("cluster").to_numpy(), cfg.train.num_novel,
                                  cfg.infer.collapse_share)
     if head_health["collapsed"]:

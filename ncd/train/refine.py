@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ncd.cluster.kmeans import kmeans
 from ncd.config import RefineConfig
+from ncd.evaluate.health import COLLAPSE_SHARE, cluster_health
 from ncd.evaluate.k_criteria import l2_normalise
 from ncd.infer.forward import RegionOutputs
 from ncd.methods import prediction_temperature
@@ -32,6 +33,7 @@ class RefineResult:
     changed_share: float  # share of regions whose argmax cluster differs from the start's
     start_largest_share: float
     end_largest_share: float
+    kept_start: bool = False  # the tuned prototypes collapsed a spread start, so the start was kept
 
 
 def neighbour_indices(x: torch.Tensor, k: int, max_chunk_cells: int = 1 << 23) -> torch.Tensor:
@@ -65,8 +67,12 @@ def _largest_share(labels: torch.Tensor, k: int) -> float:
 
 
 def refine_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, temperature: float, cfg: RefineConfig,
-                      seed: int = 0) -> RefineResult:
+                      seed: int = 0, collapse_share: float = COLLAPSE_SHARE) -> RefineResult:
     """Tune K prototypes on (N, D) region features by neighbour consistency and mean entropy.
+
+    When the tuned prototypes' clusters have collapsed (:func:`ncd.evaluate.health.cluster_health`,
+    ``collapse_share``) and the start's had not, the start is kept (``kept_start``): the
+    refinement never turns spread clusters into a collapse.
 
     Loss per batch: ``-mean log <p_i, p_j>`` for a random neighbour j of each i (among
     ``cfg.neighbours`` nearest), plus ``cfg.entropy_weight * sum(m log m)`` with m the mean
@@ -99,6 +105,10 @@ def refine_prototypes(feats: np.ndarray, head_prototypes: np.ndarray, temperatur
         opt.step()
     end = F.normalize(weights.detach(), dim=1)
     before, after = (x @ start.T).argmax(1), (x @ end.T).argmax(1)
+    if (cluster_health(after.numpy(), k, collapse_share)["collapsed"]
+            and not cluster_health(before.numpy(), k, collapse_share)["collapsed"]):
+        share = _largest_share(before, k)
+        return RefineResult(start.numpy(), 0.0, share, share, kept_start=True)
     return RefineResult(end.numpy(), float((before != after).float().mean()), _largest_share(before, k),
                         _largest_share(after, k))
 
@@ -114,7 +124,8 @@ def refine_trained(trained: TrainedModel, outputs: RegionOutputs, seed: int = 0
     heads = trained.model.heads
     base = heads.num_base
     head_protos = heads.prototypes()[trained.head, base:].detach().cpu().numpy()
-    result = refine_prototypes(outputs.feat, head_protos, prediction_temperature(trained.cfg), cfg, seed)
+    result = refine_prototypes(outputs.feat, head_protos, prediction_temperature(trained.cfg), cfg, seed,
+                               trained.cfg.infer.collapse_share)
     with torch.no_grad():
         heads.weight[trained.head, base:] = torch.from_numpy(result.prototypes).to(heads.weight)
     return trained, RegionOutputs(feat=outputs.feat, logits=head_logits(trained, outputs.feat)), result
@@ -127,7 +138,7 @@ def head_logits(trained: TrainedModel, feat: np.ndarray) -> list[np.ndarray]:
         return [z.float().cpu().numpy() for z in heads(torch.from_numpy(feat).to(heads.weight))]
 
 
-def refine_summary(result: RefineResult) -> dict[str, float]:
+def refine_summary(result: RefineResult) -> dict[str, float | bool]:
     """The figures of a refinement worth keeping in a run summary."""
     return {"changed_share": round(result.changed_share, 4), "start_largest_share": round(result.start_largest_share, 4),
-            "end_largest_share": round(result.end_largest_share, 4)}
+            "end_largest_share": round(result.end_largest_share, 4), "kept_start": result.kept_start}

@@ -120,3 +120,21 @@ def test_a_collapse_of_the_trained_heads_is_reported_even_when_the_refinement_re
     assert info["head_health"]["collapsed"] and info["changed_share"] == 0.66
     assert "plate: the trained heads collapsed (100% of the images in one cluster" in caplog.text
     assert "66% of regions moved, largest cluster 100% -> 34%" in shown[0]
+
+
+def test_a_refinement_that_would_collapse_a_spread_start_keeps_the_start():
+    x, truth, _ = blobs()
+    # no entropy term and every region a neighbour: consistency alone pulls everything into one cluster
+    greedy = RefineConfig(init="kmeans", neighbours=len(x), steps=300, lr=0.05, entropy_weight=0.0)
+    result = refine_prototypes(x, np.zeros((4, x.shape[1]), np.float32), 0.1, greedy, seed=0)
+    assert result.kept_start and result.changed_share == 0.0
+    assert result.end_largest_share == result.start_largest_share < 0.6
+    start = refine_prototypes(x, np.zeros((4, x.shape[1]), np.float32), 0.1, RefineConfig(steps=0), seed=0)
+    np.testing.assert_allclose(result.prototypes, start.prototypes, atol=1e-6)  # the k-means start itself
+    # a start that is itself collapsed (every region nearest the first prototype) is not protected
+    x, _, centres = blobs()
+    one = l2_normalise(np.stack([centres.mean(0), -centres[0], -centres[1], -centres[2]]))
+    head = RefineConfig(init="head", neighbours=len(x), steps=300, lr=0.05, entropy_weight=0.0)
+    unguarded = refine_prototypes(x, one, 0.1, head, seed=0)
+    assert not unguarded.kept_start and unguarded.end_largest_share > 0.6
+    assert not refine_prototypes(x, np.zeros((4, x.shape[1]), np.float32), 0.1, RefineConfig(), seed=0).kept_start
