@@ -222,8 +222,8 @@ def refine_report(name: str, refined: RefineResult, head_images: pa.Table, cfg: 
     """What the refinement did to one model's clusters, shown and returned for the summary; a
     warning when the trained heads had collapsed (the refinement may hide it)."""
     if refined.kept_start:
-        log.warning(f"{name}: the refinement collapsed the clusters of its k-means start, so the start was kept "
-                    f"(largest cluster {refined.start_largest_share:.0%})")
+        log.warning(f"{name}: the refinement would have collapsed the clusters it started from, so its start was "
+                    f"kept (largest cluster {refined.start_largest_share:.0%})")
     else:
         progress(f"      refined the clusters by neighbour consistency: {refined.changed_share:.0%} of regions "
                  f"moved, largest cluster {refined.start_largest_share:.0%} -> {refined.end_largest_share:.0%}")
