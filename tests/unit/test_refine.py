@@ -138,3 +138,22 @@ def test_a_refinement_that_would_collapse_a_spread_start_keeps_the_start():
     unguarded = refine_prototypes(x, one, 0.1, head, seed=0)
     assert not unguarded.kept_start and unguarded.end_largest_share > 0.6
     assert not refine_prototypes(x, np.zeros((4, x.shape[1]), np.float32), 0.1, RefineConfig(), seed=0).kept_start
+
+
+def test_a_kept_start_is_reported_as_a_warning(caplog):
+    import logging
+
+    import pyarrow as pa
+
+    from ncd.config import ExperimentConfig, apply_overrides
+    from ncd.pipeline import refine_report
+    from ncd.train.refine import RefineResult
+
+    cfg = apply_overrides(ExperimentConfig(), ["train.num_novel=3"])
+    head_images = pa.table({"cluster": pa.array([0, 1, 2] * 10, pa.int32())})
+    kept = RefineResult(np.eye(3, 4, dtype=np.float32), 0.0, 0.38, 0.38, kept_start=True)
+    shown = []
+    with caplog.at_level(logging.WARNING):
+        info = refine_report("pcb", kept, head_images, cfg, shown.append)
+    assert info["kept_start"] and not info["head_health"]["collapsed"] and not shown
+    assert "pcb: the refinement would have collapsed the clusters it started from, so its start was kept" in caplog.text
