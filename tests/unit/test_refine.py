@@ -102,21 +102,29 @@ def test_tiny_sets_do_not_fail(n):
     assert result.prototypes.shape == (2, 8) and np.isfinite(result.prototypes).all()
 
 
-def test_a_collapse_of_the_trained_heads_is_reported_even_when_the_refinement_repairs_it(caplog):
+def _report(name: str, refined, head_clusters: list[int], caplog) -> tuple[dict, list[str]]:
+    """``ncd.pipeline.refine_report`` of ``refined`` for K = 3 and the heads' image clusters:
+    its summary and the progress lines it showed (warnings land in ``caplog``)."""
     import logging
 
     import pyarrow as pa
 
     from ncd.config import ExperimentConfig, apply_overrides
     from ncd.pipeline import refine_report
-    from ncd.train.refine import RefineResult
 
     cfg = apply_overrides(ExperimentConfig(), ["train.num_novel=3"])
-    head_images = pa.table({"cluster": pa.array([0] * 30, pa.int32())})  # every image in one cluster
-    refined = RefineResult(np.eye(3, 4, dtype=np.float32), 0.66, 1.0, 0.34)
-    shown = []
+    shown: list[str] = []
     with caplog.at_level(logging.WARNING):
-        info = refine_report("plate", refined, head_images, cfg, shown.append)
+        info = refine_report(name, refined, pa.table({"cluster": pa.array(head_clusters, pa.int32())}), cfg,
+                             shown.append)
+    return info, shown
+
+
+def test_a_collapse_of_the_trained_heads_is_reported_even_when_the_refinement_repairs_it(caplog):
+    from ncd.train.refine import RefineResult
+
+    refined = RefineResult(np.eye(3, 4, dtype=np.float32), 0.66, 1.0, 0.34)
+    info, shown = _report("plate", refined, [0] * 30, caplog)  # every image in one cluster
     assert info["head_health"]["collapsed"] and info["changed_share"] == 0.66
     assert "plate: the trained heads collapsed (100% of the images in one cluster" in caplog.text
     assert "66% of regions moved, largest cluster 100% -> 34%" in shown[0]
@@ -141,19 +149,9 @@ def test_a_refinement_that_would_collapse_a_spread_start_keeps_the_start():
 
 
 def test_a_kept_start_is_reported_as_a_warning(caplog):
-    import logging
-
-    import pyarrow as pa
-
-    from ncd.config import ExperimentConfig, apply_overrides
-    from ncd.pipeline import refine_report
     from ncd.train.refine import RefineResult
 
-    cfg = apply_overrides(ExperimentConfig(), ["train.num_novel=3"])
-    head_images = pa.table({"cluster": pa.array([0, 1, 2] * 10, pa.int32())})
     kept = RefineResult(np.eye(3, 4, dtype=np.float32), 0.0, 0.38, 0.38, kept_start=True)
-    shown = []
-    with caplog.at_level(logging.WARNING):
-        info = refine_report("pcb", kept, head_images, cfg, shown.append)
+    info, shown = _report("pcb", kept, [0, 1, 2] * 10, caplog)
     assert info["kept_start"] and not info["head_health"]["collapsed"] and not shown
     assert "pcb: the refinement would have collapsed the clusters it started from, so its start was kept" in caplog.text
