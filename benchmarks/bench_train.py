@@ -30,7 +30,7 @@ from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import apply_overrides, load_config  # noqa: E402
 from ncd.train.datasets import build_training_set, training_loader  # noqa: E402
 from ncd.train.engine import parameter_groups, train_step, view_spec  # noqa: E402
-from ncd.infer.forward import autocast  # noqa: E402
+from ncd.model.precision import autocast  # noqa: E402
 from ncd.methods import make_objective  # noqa: E402
 from ncd.model.ncd_model import build_ncd_model  # noqa: E402
 from ncd.preprocess.regions import preprocess_manifest  # noqa: E402

@@ -30,6 +30,7 @@ from ncd.infer.features import frozen_region_features
 from ncd.evaluate.k_estimation import estimate_k, l2_normalise
 from ncd.evaluate.metrics import per_category_metrics
 from ncd.model.backbone import load_backbone
+from ncd.model.precision import uses_bf16
 from ncd.model.weights import efficientnet
 from ncd.train.refine import refine_prototypes
 
@@ -67,6 +68,7 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
     seconds spent per (backbone, size, view); cached as ``cache/<backbone>_<size>_<view>_<key>.npz``."""
     os.makedirs(cache, exist_ok=True)
     key = cache_key(regions)
+    precision = "bf16" if uses_bf16("cpu", cfg.train.amp) else "fp32"
     backbones: list[tuple[str, Callable[[int], object], tuple[int, ...]]] = [(DINO, lambda s: _vit(cfg, s), BLOCKS)]
     if efficientnet.available():
         backbones.append((EFFNET, lambda s: efficientnet.load_efficientnet_lite0(0), ()))
@@ -80,14 +82,14 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
             for view, (view_kind, dihedral) in VIEWS.items():
                 if dihedral and size not in D8_SIZES[name]:
                     continue
-                path = f"{cache}/{name}_{size}_{view}_{key}.npz"
+                path = f"{cache}/{name}_{size}_{view}_{precision}_{key}.npz"
                 t0 = time.perf_counter()
                 if os.path.exists(path):
                     part = dict(np.load(path))
                 else:
                     model = model or build(size)
                     part = frozen_region_features(regions, model, blocks, size, view_kind, crop_pct=cfg.model.crop_pct,
-                                                  dihedral=dihedral)
+                                                  dihedral=dihedral, amp=cfg.train.amp)
                     np.savez(path, **part)
                 seconds[f"{name}/{size}/{view}"] = round(time.perf_counter() - t0, 1)
                 progress(f"baseline features {name} {size} px {view}: {seconds[f'{name}/{size}/{view}']:.1f}s")

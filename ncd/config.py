@@ -143,7 +143,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2  # only the newest N checkpoints are kept
     on_stale_checkpoint: str = "restart"  # restart | error, for a checkpoint of other data or settings (ncd/train/checkpoint.py)
-    amp: bool = True  # bf16 autocast on CUDA only
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """Forward passes over region sets without gradients: features and head logits."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ncd.model.ncd_model import NCDModel
+from ncd.model.precision import autocast
 from ncd.train.augment import ViewSpec
 from ncd.train.datasets import EvalDataset, RegionSet
 
@@ -19,13 +19,6 @@ class RegionOutputs:
 
     feat: np.ndarray
     logits: list[np.ndarray]
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when enabled; a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

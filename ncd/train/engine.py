@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ncd.config import ConfigError, ExperimentConfig, S3Config, public_dict
-from ncd.infer.forward import autocast, forward_regions
+from ncd.infer.forward import forward_regions
+from ncd.model.precision import autocast
 from ncd.methods import Objective, build_model, eval_view, guide_columns, kmeans_init, make_objective, trains
 from ncd.model.heads import select_head
 from ncd.model.ncd_model import NCDModel

@@ -26,7 +26,7 @@ def trained_and_regions(demo_root):
 
 def _expected(trained: TrainedModel, table: pa.Table):
     cfg = trained.cfg
-    return forward_regions(trained.model, eval_set(table), view_spec(cfg), cfg.infer.batch_size)
+    return forward_regions(trained.model, eval_set(table), view_spec(cfg), cfg.infer.batch_size, amp=cfg.train.amp)
 
 
 def _assert_same(got, want) -> None:

@@ -40,7 +40,7 @@ def test_inference_of_a_light_subset_equals_in_process_on_its_full_rows(stored, 
     model = build_model(cfg, 0, 3).eval()
     trained = TrainedModel(model, cfg, {"num_base": 0, "num_novel": 3}, 0)
     got = run_inference(trained, part, batch_size=8)
-    want = forward_regions(model, eval_set(full_rows(part)), view_spec(cfg), cfg.infer.batch_size)
+    want = forward_regions(model, eval_set(full_rows(part)), view_spec(cfg), cfg.infer.batch_size, amp=cfg.train.amp)
     np.testing.assert_allclose(got.feat, want.feat, rtol=0, atol=1e-5)
     for g, w in zip(got.logits, want.logits):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
