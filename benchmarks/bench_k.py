@@ -44,7 +44,6 @@ from ncd.evaluate.k_criteria import CRITERIA, Partitions, l2_normalise
 from ncd.evaluate.k_estimation import DEFAULT_CRITERION, estimate_k
 from ncd.evaluate.metrics import cluster_metrics
 from ncd.model.backbone import load_backbone
-from ncd.model.precision import uses_bf16
 from ncd.pipeline import LOCAL_STAGES, base_set, category_groups, frozen_features, local_preprocess, true_k
 from ncd.data.splits import MTD_NORMAL_IMAGES
 
@@ -79,12 +78,10 @@ def region_features(cfg: ExperimentConfig, regions: pa.Table, work: str) -> dict
     """{variant: (R, D)} for ``VARIANTS``, rows in the table's order, cached in ``work``."""
     def make() -> dict[str, np.ndarray]:
         backbone = load_backbone(apply_overrides(cfg, [f"model.image_size={SIZE}"]).model, cfg.s3)
-        blocks = frozen_region_features(regions, backbone, BLOCKS, SIZE, "eval", crop_pct=cfg.model.crop_pct,
-                                        amp=cfg.train.amp)
+        blocks = frozen_region_features(regions, backbone, BLOCKS, SIZE, "eval", crop_pct=cfg.model.crop_pct)
         return {START: frozen_features(cfg, regions), **{v: blocks[v] for v in VARIANTS[1:]}}
 
-    precision = "bf16" if uses_bf16("cpu", cfg.train.amp) else "fp32"
-    return cached(f"{work}/k_features_{precision}_{cache_key(regions)}.npz", make)  # reused only for the same crops
+    return cached(f"{work}/k_features_{cache_key(regions)}.npz", make)  # reused only for the same crops
 
 
 def load_dataset(dataset: str, work: str, args: argparse.Namespace) -> tuple[str, ExperimentConfig, pa.Table,

@@ -9,7 +9,9 @@ ncd's test view (``eval``) and on the resized crop averaged over its 8 dihedral 
 (``d8``, ``ncd.infer.features``; DINOv2 at 112 and 160 px only: 224 px costs 2.5x as much
 and was never its strongest size); and ``ensemble``, the strongest DINOv2 variant and the
 strongest EfficientNet variant concatenated (each L2-normalised). Features are computed
-once per (backbone, size, view), all blocks in one pass, and cached under the work folder.
+once per (backbone, size, view), all blocks in one pass, and cached under the work folder;
+always in float32, also where ncd's ``train.amp`` computes in bf16: the baseline is never
+weakened for speed.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ from ncd.infer.features import frozen_region_features
 from ncd.evaluate.k_estimation import estimate_k, l2_normalise
 from ncd.evaluate.metrics import per_category_metrics
 from ncd.model.backbone import load_backbone
-from ncd.model.precision import uses_bf16
 from ncd.model.weights import efficientnet
 from ncd.train.refine import refine_prototypes
 
@@ -68,7 +69,6 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
     seconds spent per (backbone, size, view); cached as ``cache/<backbone>_<size>_<view>_<key>.npz``."""
     os.makedirs(cache, exist_ok=True)
     key = cache_key(regions)
-    precision = "bf16" if uses_bf16("cpu", cfg.train.amp) else "fp32"
     backbones: list[tuple[str, Callable[[int], object], tuple[int, ...]]] = [(DINO, lambda s: _vit(cfg, s), BLOCKS)]
     if efficientnet.available():
         backbones.append((EFFNET, lambda s: efficientnet.load_efficientnet_lite0(0), ()))
@@ -82,14 +82,14 @@ def feature_sets(cfg: ExperimentConfig, regions: pa.Table, cache: str,
             for view, (view_kind, dihedral) in VIEWS.items():
                 if dihedral and size not in D8_SIZES[name]:
                     continue
-                path = f"{cache}/{name}_{size}_{view}_{precision}_{key}.npz"
+                path = f"{cache}/{name}_{size}_{view}_{key}.npz"
                 t0 = time.perf_counter()
                 if os.path.exists(path):
                     part = dict(np.load(path))
                 else:
                     model = model or build(size)
                     part = frozen_region_features(regions, model, blocks, size, view_kind, crop_pct=cfg.model.crop_pct,
-                                                  dihedral=dihedral, amp=cfg.train.amp)
+                                                  dihedral=dihedral)
                     np.savez(path, **part)
                 seconds[f"{name}/{size}/{view}"] = round(time.perf_counter() - t0, 1)
                 progress(f"baseline features {name} {size} px {view}: {seconds[f'{name}/{size}/{view}']:.1f}s")
