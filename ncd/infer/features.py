@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ncd.model.precision import autocast
 from ncd.train.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, eval_view
 from ncd.train.datasets import RegionSet, eval_set
 
@@ -144,7 +143,7 @@ def is_vit(backbone: nn.Module) -> bool:
 def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, blocks: Sequence[int] = (),
                            size: int = 224, view: str = "eval", *, crop_pct: float = 0.875,
                            batch_size: int = 64, device: torch.device | str = "cpu",
-                           dihedral: bool = False, amp: bool = False) -> dict[str, np.ndarray]:
+                           dihedral: bool = False) -> dict[str, np.ndarray]:
     """Frozen features of every region crop, one forward pass per batch for all blocks.
 
     Args:
@@ -153,7 +152,6 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
             CNN with ``forward_features`` (``blocks`` must be empty).
         size: input side in pixels; view: ``eval`` or ``resize`` (module docstring).
         dihedral: average over the view's 8 dihedral transforms (module docstring).
-        amp: bf16 autocast where the device computes bf16 natively (``train.amp``).
 
     Returns:
         {variant: (N, D) float32}: ``block<b>/<cls|mean_patch|mask_patch>`` for a ViT,
@@ -177,8 +175,7 @@ def frozen_region_features(regions: pa.Table | RegionSet, backbone: nn.Module, b
 
     for images, masks in loader:
         images, masks = images.to(device, memory_format=layout), masks.to(device)
-        with autocast(device, amp):
-            feats = dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
+        feats = dihedral_mean(batch_features, images, masks) if dihedral else batch_features(images, masks)
         for k, v in feats.items():
             parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
