@@ -8,7 +8,7 @@ A seeded synthetic dataset (2 categories, 384 px, 432 images) is preprocessed
 (MEBin + crops, both passes: ``ncd.preprocess.regions.preprocess_manifest`` in this process,
 ``ray_jobs.preprocess.run_preprocess(concurrency=n)`` on Ray) and its region table is
 labelled by a random-init ``vit_small_patch16_224`` at 112 px
-(``ncd.infer.forward.forward_regions`` in this process, ``ray_jobs.infer.run_inference`` on
+(``ncd.infer.outputs.region_outputs`` in this process, ``ray_jobs.infer.run_inference`` on
 Ray with ``n`` actors streaming the table from Parquet). Every process computes with
 one thread (torch, OpenCV, BLAS), so "n workers" is n busy cores.
 
@@ -61,9 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ncd.data import io  # noqa: E402
 from ncd.data.catalog import build_manifest  # noqa: E402
 from ncd.config import ExperimentConfig, apply_overrides  # noqa: E402
-from ncd.train.datasets import eval_set  # noqa: E402
-from ncd.train.engine import view_spec  # noqa: E402
-from ncd.infer.forward import forward_regions  # noqa: E402
+from ncd.infer.outputs import region_outputs  # noqa: E402
 from ncd.methods import build_model  # noqa: E402
 from ncd.infer.predict import TrainedModel  # noqa: E402
 from ncd.preprocess.regions import preprocess_manifest  # noqa: E402
@@ -141,8 +139,7 @@ def inference_runs(trained: TrainedModel, full_uri: str, small_uri: str) -> dict
     regions = read_regions(full_uri)
     n_full, n_small = regions.num_rows, read_regions(small_uri).num_rows
     out: dict[str, dict[str, float]] = {}
-    rset = eval_set(regions)
-    t = _best(lambda: forward_regions(trained.model, rset, view_spec(cfg), cfg.infer.batch_size), 2)
+    t = _best(lambda: region_outputs(trained.model, cfg, regions, "cpu"), 2)  # as the actors: train.amp too
     out["in_process"] = {"per_s": n_full / t, "t_full_s": t}
     run_inference(trained, small_uri, num_actors=NUM_CPUS, batch_size=INFER_BATCH)  # warm-up
     for n in WORKERS:
