@@ -239,6 +239,7 @@ class DetectConfig:
     blur_sigma: float = 4.0  # few-shot map blur, pixels at image_size
     subset_size: int = 512  # images per scoring task (stratified subsets of a large category)
     batch_size: int = 8  # images per feature batch
+    amp: bool = True  # half-precision features: fp16 on CUDA, bf16 on CPUs with native bf16 (as train.amp)
     write_npy: bool = False  # also write float32 maps as .npy, under <maps>_npy/ (same layout)
     seed: int = 0
 

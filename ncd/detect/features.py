@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ncd.config import ConfigError, DetectConfig, ModelConfig, S3Config
+from ncd.model.precision import uses_bf16
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -58,12 +59,13 @@ class PatchFeatureExtractor:
         if max(cfg.blocks) >= len(model.blocks):
             raise ConfigError(f"detect.blocks={list(cfg.blocks)}: the backbone has blocks 0..{len(model.blocks) - 1}")
         self.model = model.to(self.device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.half = cfg.amp and (self.device.type == "cuda" or uses_bf16(self.device, True))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16  # CPUs with native bf16
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.stack([preprocess(im, self.cfg.image_size) for im in images])).to(self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.half):
             out = self.model.forward_intermediates(x, indices=sorted(self.cfg.blocks), return_prefix_tokens=True,
                                                    norm=True, output_fmt="NLC", intermediates_only=True)
         h, w = self.model.patch_embed.grid_size

@@ -259,3 +259,24 @@ def test_bad_detect_settings_are_listed_before_any_work():
 
     with pytest.raises(ConfigError, match=r"detect\.mode='fast'.*detect\.radii=\[2\].*detect\.reference_images=1"):
         plan_detection(_rows("c", 3), DetectConfig(mode="fast", radii=(2,), reference_images=1))
+
+
+def test_feature_precision_follows_detect_amp():
+    """bf16 features where the CPU computes bf16 natively (float32 with ``detect.amp=false``),
+    equal to the float32 ones to bf16's precision."""
+    from ncd.detect.features import PatchFeatureExtractor
+    from ncd.model.precision import uses_bf16
+
+    images = [np.random.default_rng(i).integers(0, 255, (40, 48, 3), np.uint8) for i in range(3)]
+    out = {}
+    for amp in (True, False):
+        detect = load_config(None, [*TINY_DETECT, f"detect.amp={str(amp).lower()}"]).detect
+        extractor = PatchFeatureExtractor(detect, device="cpu", model_kwargs=TINY)
+        assert extractor.half == (amp and uses_bf16("cpu", True))
+        out[amp] = extractor(images)
+    (layers16, cls16), (layers32, cls32) = out[True], out[False]
+    assert layers16.shape == layers32.shape and cls16.shape == cls32.shape
+    np.testing.assert_allclose(cls16, cls32, atol=0.1)
+    cos = (cls16 * cls32).sum(1) / (np.linalg.norm(cls16, axis=1) * np.linalg.norm(cls32, axis=1))
+    assert cos.min() > 0.99
+    assert (uses_bf16("cpu", True)) == (not np.array_equal(cls16, cls32))
