@@ -48,7 +48,7 @@ from ncd.config import load_config  # noqa: E402
 from ncd.preprocess.crops import crop_regions, mask_to_image_size, score_map_to_image_size  # noqa: E402
 from ncd.train.datasets import eval_set  # noqa: E402
 from ncd.train.engine import view_spec  # noqa: E402
-from ncd.infer.forward import forward_regions
+from ncd.infer.forward import forward_regions  # noqa: E402
 from ncd.model.precision import autocast  # noqa: E402
 from ncd.preprocess.mebin import normalize  # noqa: E402
 from ncd.infer.merge import merge_regions  # noqa: E402

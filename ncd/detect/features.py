@@ -59,8 +59,8 @@ class PatchFeatureExtractor:
         if max(cfg.blocks) >= len(model.blocks):
             raise ConfigError(f"detect.blocks={list(cfg.blocks)}: the backbone has blocks 0..{len(model.blocks) - 1}")
         self.model = model.to(self.device)
-        self.half = cfg.amp and (self.device.type == "cuda" or uses_bf16(self.device, True))
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16  # CPUs with native bf16
+        self.half = uses_bf16(self.device, cfg.amp)  # CUDA, or a CPU with native bf16
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
