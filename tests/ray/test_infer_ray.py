@@ -6,12 +6,10 @@ from ncd.config import load_config
 from ncd.data import io
 from ncd.data.catalog import build_manifest
 from ncd.data.region_table import read_regions
-from ncd.infer.forward import forward_regions
+from ncd.infer.outputs import region_outputs
 from ncd.infer.predict import TrainedModel
 from ncd.methods import build_model
 from ncd.preprocess.regions import preprocess_manifest
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
 
 pytestmark = pytest.mark.ray
 
@@ -25,8 +23,7 @@ def trained_and_regions(demo_root):
 
 
 def _expected(trained: TrainedModel, table: pa.Table):
-    cfg = trained.cfg
-    return forward_regions(trained.model, eval_set(table), view_spec(cfg), cfg.infer.batch_size, amp=cfg.train.amp)
+    return region_outputs(trained.model, trained.cfg, table, "cpu")  # the in-process path
 
 
 def _assert_same(got, want) -> None:

@@ -8,13 +8,11 @@ from ncd.config import apply_overrides, load_config
 from ncd.data.catalog import build_manifest
 from ncd.data.region_refs import full_rows, is_light, light_regions
 from ncd.data.region_table import write_regions
-from ncd.infer.forward import forward_regions
+from ncd.infer.outputs import region_outputs
 from ncd.infer.predict import TrainedModel
 from ncd.methods import build_model
 from ncd.pipeline import choose_k
 from ncd.preprocess.regions import preprocess_manifest
-from ncd.train.datasets import eval_set
-from ncd.train.engine import view_spec
 
 pytestmark = pytest.mark.ray
 
@@ -40,7 +38,7 @@ def test_inference_of_a_light_subset_equals_in_process_on_its_full_rows(stored, 
     model = build_model(cfg, 0, 3).eval()
     trained = TrainedModel(model, cfg, {"num_base": 0, "num_novel": 3}, 0)
     got = run_inference(trained, part, batch_size=8)
-    want = forward_regions(model, eval_set(full_rows(part)), view_spec(cfg), cfg.infer.batch_size, amp=cfg.train.amp)
+    want = region_outputs(model, cfg, full_rows(part), "cpu")  # the in-process path
     np.testing.assert_allclose(got.feat, want.feat, rtol=0, atol=1e-5)
     for g, w in zip(got.logits, want.logits):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
