@@ -36,7 +36,8 @@ K estimates (label-free, never from embeddings trained with the true K): each ar
 variant's image features. K in 2..12. Each arm also reports ``start_nmi``, k-means (true K)
 on its model's features before training, and ``gain_over_start``: a run that ends below
 its start says so here. A seed whose model collapsed (``ncd.evaluate.health``) is listed in
-``collapsed_seeds`` and printed as FAILED; its metrics stay in the mean.
+``collapsed_seeds`` and printed as FAILED; its metrics stay in the mean. A seed whose trained
+heads collapsed before the refinement re-spread them is listed in ``heads_collapsed_seeds``.
 
 Last line: JSON with ``ncd``, ``proto``, ``frozen``, ``baseline`` (``nmi``, ``ari``, ``f1``,
 ``nmi_std``..., ``k_estimate``), ``baseline_variants``, ``k_true``, ``seconds``,
@@ -113,7 +114,7 @@ def arm_start(cfg: ExperimentConfig, regions: pa.Table) -> tuple[dict[str, int],
 
 def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seeds: int, seconds: dict) -> dict:
     """``ncd discover`` of ``arm`` once per seed; mean and spread of the image-level metrics."""
-    runs, collapsed, unrefined = [], [], []
+    runs, collapsed, heads_collapsed, unrefined = [], [], [], []
     for seed in range(seeds):
         arm_cfg = arm_config(cfg, work, arm, seed)
         shutil.rmtree(arm_cfg.output, ignore_errors=True)  # train afresh: never resume an earlier run's model
@@ -125,6 +126,9 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seed
         if summary["collapsed"]:
             collapsed.append(seed)
             print(f"[{arm} seed {seed}] FAILED: collapsed ({', '.join(summary['collapsed'])})", flush=True)
+        if any(info.get("head_health", {}).get("collapsed") for info in summary.get("refine", {}).values()):
+            heads_collapsed.append(seed)  # the refinement re-spread them: a trained model that failed all the same
+            print(f"[{arm} seed {seed}] the trained heads collapsed (before the refinement)", flush=True)
         seconds[f"{arm}_seed{seed}"] = summary["seconds"]
         print(f"[{arm} seed {seed}] NMI {runs[-1]['nmi']:.3f} ARI {runs[-1]['ari']:.3f} F1 {runs[-1]['f1']:.3f}",
               flush=True)
@@ -133,6 +137,7 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seed
     result["regions"] = regions.num_rows
     result["nmi_per_seed"] = [round(r["nmi"], 4) for r in runs]
     result["collapsed_seeds"] = collapsed
+    result["heads_collapsed_seeds"] = heads_collapsed
     if unrefined:  # the same models' head predictions before the neighbour-consistency refinement
         result["before_refine"] = {m: v for m, v in summarise(unrefined).items() if m in ("nmi", "ari", "f1", "nmi_std")}
     t0 = time.perf_counter()
@@ -177,12 +182,13 @@ def print_tables(results: dict, variants: dict) -> None:
     for arm, r in results.items():
         title = ARM_TITLES.get(arm) or f"baseline: k-means on frozen features ({r['variant']})"
         unrefined = _cell(r["before_refine"], "nmi") if "before_refine" in r else "-"
-        start = (f" | {r['start_nmi']:.3f} | {r['gain_over_start']:+.3f} | {unrefined} | {r['collapsed_seeds'] or '-'}"
+        heads = f" (heads: {r['heads_collapsed_seeds']})" if r.get("heads_collapsed_seeds") else ""
+        start = (f" | {r['start_nmi']:.3f} | {r['gain_over_start']:+.3f} | {unrefined} | {r['collapsed_seeds'] or '-'}{heads}"
                  if "start_nmi" in r else " | | | | ")
         print(f"| {title} | " + " | ".join(_cell(r, m) for m in METRICS) + f" | {r['k_estimate']}{start} |")
     if BASELINE in results:
         r = results[BASELINE]["refined"]
-        print(f"| ablation: the refinement alone on the strongest frozen variant (no training) | "
+        print("| ablation: the refinement alone on the strongest frozen variant (no training) | "
               + " | ".join(_cell(r, m) for m in METRICS) + " | | | | | |")
     if variants:
         print("\n| baseline variant | NMI | ARI | F1 |\n| --- | --- | --- | --- |")
