@@ -126,7 +126,7 @@ def run_arm(cfg: ExperimentConfig, manifest: pa.Table, work: str, arm: str, seed
         if summary["collapsed"]:
             collapsed.append(seed)
             print(f"[{arm} seed {seed}] FAILED: collapsed ({', '.join(summary['collapsed'])})", flush=True)
-        if any(info.get("head_health", {}).get("collapsed") for info in summary.get("refine", {}).values()):
+        if any(info["head_health"]["collapsed"] for info in summary["refine"].values()):
             heads_collapsed.append(seed)  # the refinement re-spread them: a trained model that failed all the same
             print(f"[{arm} seed {seed}] the trained heads collapsed (before the refinement)", flush=True)
         seconds[f"{arm}_seed{seed}"] = summary["seconds"]
